@@ -1,0 +1,1 @@
+"""Flax linen modules: ResNet backbone, contrastive heads, DetCo encoder."""

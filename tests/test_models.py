@@ -1,0 +1,135 @@
+"""Backbone shapes, grouped (shuffle) batch norm, heads and the encoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detco_jax.models import detco, heads, resnet
+
+
+def test_resnet50_at_224_stage_shapes_and_size():
+  model = resnet.ResNet(depth=50)
+  x = jnp.zeros((2, 224, 224, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x,
+                                                train=False))
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  assert {k: v.shape for k, v in out.items()} == {
+      "res2": (2, 56, 56, 256), "res3": (2, 28, 28, 512),
+      "res4": (2, 14, 14, 1024), "res5": (2, 7, 7, 2048)}
+  # torchvision's ResNet-50 without its 1000-way fc: 23,508,032 parameters.
+  n = sum(p.size for p in jax.tree.leaves(variables["params"]))
+  assert n == 23_508_032
+
+
+@pytest.mark.parametrize("depth,channels", [(18, (64, 128, 256, 512)),
+                                            (34, (64, 128, 256, 512))])
+def test_basic_block_resnets(depth, channels):
+  assert tuple(resnet.stage_channels(depth).values()) == channels
+
+
+def test_narrow_cifar_stem_model_shapes():
+  model = resnet.ResNet(depth=18, width=8, stem="cifar")
+  x = jnp.ones((4, 32, 32, 3))
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x,
+                                          train=False))(x)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert {k: v.shape for k, v in out.items()} == {
+      "res2": (4, 32, 32, 8), "res3": (4, 16, 16, 16),
+      "res4": (4, 8, 8, 32), "res5": (4, 4, 4, 64)}
+
+
+def np_group_bn(x, groups, scale, bias, eps=1e-5):
+  """Explicit loop over sub-batches: normalise each with its own stats."""
+  out = np.empty_like(x)
+  n = x.shape[0] // groups
+  for g in range(groups):
+    xg = x[g * n:(g + 1) * n]
+    mean = xg.mean(axis=(0, 1, 2))
+    var = xg.var(axis=(0, 1, 2))
+    out[g * n:(g + 1) * n] = (xg - mean) / np.sqrt(var + eps) * scale + bias
+  return out
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_group_batch_norm_equals_per_group_computation(groups):
+  rng = np.random.default_rng(groups)
+  x = (rng.normal(size=(8, 5, 5, 3)) * np.array([1, 3, 0.5])
+       + np.arange(8)[:, None, None, None]).astype(np.float32)
+  bn = resnet.GroupBatchNorm(groups=groups)
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  scale = np.array([1.5, 0.5, 2.0], np.float32)
+  bias = np.array([0.1, -0.2, 0.3], np.float32)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": variables["batch_stats"]}
+  y, updates = bn.apply(variables, x, use_running_average=False,
+                        mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(y), np_group_bn(x, groups, scale, bias),
+                             rtol=1e-4, atol=1e-4)
+  # Running stats move 10% towards the mean over groups of group stats.
+  n = 8 // groups
+  means = [x[g * n:(g + 1) * n].mean((0, 1, 2)) for g in range(groups)]
+  variances = [x[g * n:(g + 1) * n].var((0, 1, 2)) for g in range(groups)]
+  np.testing.assert_allclose(updates["batch_stats"]["mean"],
+                             0.1 * np.mean(means, 0), rtol=1e-4)
+  np.testing.assert_allclose(updates["batch_stats"]["var"],
+                             0.9 + 0.1 * np.mean(variances, 0), rtol=1e-4)
+
+
+def test_group_batch_norm_eval_uses_running_stats_and_checks_batch():
+  bn = resnet.GroupBatchNorm(groups=3)
+  x = jnp.ones((6, 2, 2, 1)) * 4.0
+  variables = {"params": {"scale": jnp.ones(1), "bias": jnp.zeros(1)},
+               "batch_stats": {"mean": jnp.full(1, 2.0), "var": jnp.full(1, 4.)}}
+  y = bn.apply(variables, x, use_running_average=True)
+  np.testing.assert_allclose(y, (4.0 - 2.0) / np.sqrt(4.0 + 1e-5), rtol=1e-5)
+  with pytest.raises(ValueError, match="bn_groups"):
+    bn.apply(variables, jnp.ones((4, 2, 2, 1)), use_running_average=False,
+             mutable=["batch_stats"])
+
+
+def test_jigsaw_head_concatenates_patches_in_order():
+  head = heads.JigsawHead(hidden=16, out=8)
+  rng = np.random.default_rng(0)
+  fmap = jnp.asarray(rng.normal(size=(2 * 9, 3, 3, 4)), jnp.float32)
+  variables = head.init(jax.random.key(0), fmap)
+  out = head.apply(variables, fmap)
+  assert out.shape == (2, 8)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+  # Reference: pool each patch, concatenate in order, then the MLP.
+  pooled = np.asarray(fmap).mean((1, 2)).reshape(2, 36)
+  p = variables["params"]["mlp"]
+  h = np.maximum(pooled @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  z = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  np.testing.assert_allclose(out, z / np.linalg.norm(z, axis=1, keepdims=True),
+                             rtol=1e-4, atol=1e-5)
+  # Swapping two patches of the first sample changes its embedding only.
+  swapped = np.asarray(fmap).copy()
+  swapped[[0, 1]] = swapped[[1, 0]]
+  out2 = head.apply(variables, jnp.asarray(swapped))
+  assert not np.allclose(out2[0], out[0], atol=1e-4)
+  np.testing.assert_allclose(out2[1], out[1], rtol=1e-5)
+
+
+def test_encoder_outputs_and_unshared_heads():
+  enc = detco.DetCoEncoder(depth=18, width=8, stem="cifar", bn_groups=2,
+                           local_hidden=32, embed_dim=16)
+  views = jnp.ones((4, 16, 16, 3))
+  patches = jnp.ones((4, 9, 8, 8, 3))
+  variables = jax.jit(lambda v, p: enc.init(jax.random.key(0), v, p,
+                                            train=False))(views, patches)
+  out, _ = jax.jit(lambda var, v, p: enc.apply(
+      var, v, p, train=True, mutable=["batch_stats"]))(variables, views,
+                                                       patches)
+  for kind in ("global", "local"):
+    assert {s: v.shape for s, v in out[kind].items()} == {
+        s: (4, 16) for s in resnet.STAGES}
+  p = variables["params"]
+  # Eight heads, none sharing weights; the global hidden = stage channels.
+  names = [k for k in p if k.endswith(resnet.STAGES)]
+  assert len(names) == 8
+  assert p["global_heads_res3"]["mlp"]["fc1"]["kernel"].shape == (16, 16)
+  assert p["local_heads_res3"]["mlp"]["fc1"]["kernel"].shape == (9 * 16, 32)
+  only_global = jax.eval_shape(
+      lambda var, v: enc.apply(var, v, None, train=False), variables, views)
+  assert only_global["local"] == {}
