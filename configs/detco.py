@@ -63,6 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
       flip_prob=0.5,
   ))
 
+  # ---- Evaluation views (probes): resize the shorter side, centre crop.
+  c.eval_views = ml_collections.ConfigDict(dict(
+      crop_size=224,
+      resize_size=256,
+  ))
+
   # ---- Photometric augmentation, run on the device inside the jitted step.
   c.aug = ml_collections.ConfigDict(dict(
       jitter_prob=0.8,
@@ -134,7 +140,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.write_views_image = True
   c.profile_steps = ()        # e.g. (100, 110): profiler window.
-  c.knn_every = 0             # kNN monitor every N steps (0: off).
   return c
 
 
@@ -147,6 +152,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.views.global_size = 64
   c.views.local_size = 72
   c.views.patch_size = 20
+  c.eval_views.crop_size = 64
+  c.eval_views.resize_size = 73
   c.model.depth = 18
   c.model.width = 16
   c.model.stem = "cifar"
@@ -173,6 +180,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.views.global_size = 32
   c.views.local_size = 36
   c.views.patch_size = 10
+  c.eval_views.crop_size = 32
+  c.eval_views.resize_size = 37
   c.model.depth = 10
   c.model.width = 8
   c.model.global_hidden = ml_collections.ConfigDict(dict(
