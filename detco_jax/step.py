@@ -182,7 +182,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                                           batch_stats, m),
       queues=momentum.enqueue(state.queues, keys))
   metrics.update(loss=total, lr=schedule(state.step),
-                 grad_norm=optax.global_norm(grads), ema_momentum=m)
+                 grad_norm=optax.tree.norm(grads), ema_momentum=m)
   return new_state, metrics
 
 

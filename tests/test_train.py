@@ -1,0 +1,165 @@
+"""The real pretraining loop on the built-in dataset with a tiny model."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from configs import detco as detco_config
+from detco_jax import checkpoint as checkpoint_lib
+from detco_jax import config_lib
+from detco_jax import sharding
+from detco_jax import step as step_lib
+from detco_jax import train
+from detco_jax.data import pipeline
+
+
+@pytest.fixture
+def config(builtin_data_dir):
+  c = detco_config.get_config("tiny")
+  c.data.data_dir = builtin_data_dir
+  return c
+
+
+def restore_params(config, workdir):
+  """The query params of the latest checkpoint in `workdir`."""
+  model = config_lib.build_model(config)
+  tx, _ = config_lib.build_optimizer(config)
+  target, _ = step_lib.create_train_state(config, model, tx,
+                                          sharding.make_mesh(),
+                                          jax.random.key(0))
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  state = ckpt.restore(target)
+  ckpt.close()
+  return int(state.step), jax.device_get(state.params)
+
+
+def test_tiny_run_writes_checkpoints_events_and_config(config, tmp_path):
+  workdir = str(tmp_path / "run")
+  last = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(last["loss"]) and last["images_per_sec"] > 0
+  assert last["data/skipped_images"] == 0
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  assert ckpt.all_steps() == [3, 6]
+  ckpt.close()
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["depth"] == 10
+  events = event_accumulator.EventAccumulator(
+      workdir, size_guidance={event_accumulator.SCALARS: 0,
+                              event_accumulator.IMAGES: 0,
+                              event_accumulator.TENSORS: 0})
+  events.Reload()
+  tags = events.Tags()
+  names = set(tags["scalars"]) | set(tags["tensors"])
+  for name in ("loss", "res2/gl_acc", "res5/gg", "lr", "images_per_sec",
+               "epoch"):
+    assert name in names, name
+  steps = [e.step for e in (events.Scalars("loss") if "loss" in tags["scalars"]
+                            else events.Tensors("loss"))]
+  assert steps == [2, 4, 6]
+  assert any("views" in t for t in tags["images"] + tags["tensors"])
+
+
+class _SigtermAt:
+  """Wraps the data iterator; sends this process SIGTERM at batch k."""
+
+  def __init__(self, inner, k):
+    self.inner, self.k, self.n = inner, k, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.n == self.k:
+      os.kill(os.getpid(), signal.SIGTERM)
+    self.n += 1
+    return next(self.inner)
+
+  @property
+  def num_corrupt(self):
+    return self.inner.num_corrupt
+
+
+def test_sigterm_then_resume_matches_uninterrupted_run(config, tmp_path,
+                                                       monkeypatch):
+  config.checkpoint_every = 100
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  make = pipeline.make_pretrain_iterator
+  monkeypatch.setattr(
+      pipeline, "make_pretrain_iterator",
+      lambda *a, **kw: _SigtermAt(make(*a, **kw), k=3))
+  workdir = str(tmp_path / "interrupted")
+  train.train_and_evaluate(config, workdir)
+  step, _ = restore_params(config, workdir)
+  assert step == 4  # Saved at the step boundary after the signal.
+  monkeypatch.setattr(pipeline, "make_pretrain_iterator", make)
+  resumed = train.train_and_evaluate(config, workdir)
+
+  np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-5)
+  _, p_straight = restore_params(config, str(tmp_path / "straight"))
+  step, p_resumed = restore_params(config, workdir)
+  assert step == config.total_steps
+  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_half_written_checkpoint_is_never_picked_up(config, tmp_path):
+  workdir = str(tmp_path / "run")
+  config.total_steps = 3
+  train.train_and_evaluate(config, workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  # What an interrupted orbax save leaves: a temporary step directory.
+  partial = os.path.join(directory, "5.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(partial, "state"))
+  open(os.path.join(partial, "state", "junk"), "w").write("half")
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+  config.total_steps = 6
+  last = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(last["loss"])
+  assert restore_params(config, workdir)[0] == 6
+
+
+def test_nan_loss_stops_with_the_step_and_saves_nothing_after(config,
+                                                               tmp_path):
+  config.base_lr = 1e30
+  config.checkpoint_every = 1
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+    train.train_and_evaluate(config, workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  saved = ckpt.all_steps()
+  ckpt.close()
+  if saved:  # Whatever was saved before the NaN is a usable checkpoint.
+    _, params = restore_params(config, workdir)
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 12, "multiple of the 8 devices"),
+    ("bn_groups", 3, "multiple of bn_groups=3"),
+    ("queue_size", 100, "queue_size=100 must be a positive multiple"),
+    ("views.patch_size", 20, "views.patch_size=20 exceeds its grid cell"),
+    ("bn", "ghost", "bn='ghost'"),
+])
+def test_bad_config_values_stop_the_run_with_the_key(config, tmp_path, key,
+                                                     value, message):
+  node = config
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+def test_unknown_dataset_says_how_to_fix(config, tmp_path):
+  config.data.dataset = "no_such_dataset_xyz"
+  with pytest.raises(FileNotFoundError, match="no_such_dataset_xyz"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
