@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from detco_jax import momentum
 from detco_jax import optim
 from detco_jax.models import detco as detco_lib
 from detco_jax.models import resnet
@@ -94,10 +95,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
       (b % bn_groups(config) == 0,
        f"batch_size={b} must be a multiple of bn_groups={config.bn_groups}; "
        f"set --config.bn_groups to a divisor of {b}."),
-      (config.queue_size > 0 and config.queue_size % b == 0,
-       f"queue_size={config.queue_size} must be a positive multiple of "
-       f"batch_size={b}; e.g. --config.queue_size="
-       f"{_round_up(config.queue_size, b)}."),
       (config.views.patch_size <= config.views.local_size // config.views.grid,
        f"views.patch_size={config.views.patch_size} exceeds its grid cell "
        f"(views.local_size // views.grid = "
@@ -116,6 +113,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   for ok, message in checks:
     if not ok:
       raise ValueError(f"Bad config: {message}")
+  momentum.check_queue_size(config.queue_size, b)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -63,9 +63,9 @@ def check_queue_size(queue_size: int, global_batch: int) -> None:
   """
   if queue_size <= 0 or queue_size % global_batch:
     raise ValueError(
-        f"queue_size={queue_size} must be a positive multiple of the global "
-        f"batch_size={global_batch}, so that each step's keys fit without "
-        f"wrapping mid-batch; e.g. --config.queue_size="
+        f"Bad config: queue_size={queue_size} must be a positive multiple of "
+        f"the global batch_size={global_batch}, so that each step's keys fit "
+        f"without wrapping mid-batch; e.g. --config.queue_size="
         f"{max(1, round(queue_size / global_batch)) * global_batch}.")
 
 

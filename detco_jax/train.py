@@ -127,6 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   stop = _Stop()
   stop.install()
   history, last, window_start = [], {}, time.perf_counter()
+  previous = None  # The last step's metrics, checked after the next dispatch.
   steps_per_epoch = config_lib.steps_per_epoch(config)
   logging.info("Training steps %d..%d on %d devices (%d processes), "
                "%d steps per epoch.", start, total, jax.device_count(),
@@ -142,8 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           _write_views_image(config, host_batch, writer, step)
         batch = sharding.host_to_global(host_batch, mesh)
         state, metrics = train_step(state, batch, step_rng)
-      if history:  # The previous step is done or nearly: cheap to check.
-        step_lib.check_finite(float(history[-1]["loss"]), step - 1)
+      if previous is not None:  # Done or nearly done: cheap to fetch.
+        step_lib.check_finite(float(previous["loss"]), step - 1)
+      previous = metrics
       history.append(metrics)
       step += 1
       report(step)

@@ -1,0 +1,1 @@
+"""Input pipeline: sources, host-side crops and jigsaw sets, device-side augmentation."""

@@ -1,0 +1,1 @@
+"""Evaluation: linear probe, kNN monitor, dense probe."""
