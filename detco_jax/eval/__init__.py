@@ -1,1 +1,0 @@
-"""Evaluation: linear probe, kNN monitor, dense probe."""
