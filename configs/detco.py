@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       dataset="imagenet2012",
       train_split="train",
       eval_split="validation",
-      data_dir=None,          # TFDS data dir; None: $TFDS_DATA_DIR or default.
+      # TFDS data dir; unset: $TFDS_DATA_DIR or the TFDS default. A typed
+      # placeholder so that `--config.data.data_dir=...` can set it.
+      data_dir=ml_collections.config_dict.placeholder(str),
       image_key="image",
       label_key="label",
       shuffle_buffer=10_000,

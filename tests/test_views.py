@@ -33,9 +33,11 @@ def _grid_image(cell=30, grid=3):
 
 
 def test_spec_from_config_and_validation():
-  spec = views.ViewSpec.from_config(detco.get_config("demo").views)
-  assert (spec.global_size, spec.local_size, spec.patch_size) == (64, 72, 20)
-  assert spec.cell_size == 24 and spec.num_patches == 9
+  demo = detco.get_config("demo").views
+  spec = views.ViewSpec.from_config(demo)
+  assert (spec.global_size, spec.local_size, spec.patch_size) == (
+      demo.global_size, demo.local_size, demo.patch_size)
+  assert spec.cell_size == demo.local_size // 3 and spec.num_patches == 9
   assert spec.local_ratio == spec.global_ratio
   with pytest.raises(ValueError, match=r"views\.patch_size \(30\).*"
                      r"views\.local_size // views\.grid.*views\.local_size "
