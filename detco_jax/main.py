@@ -41,6 +41,9 @@ def initialize_distributed() -> None:
     return
   if _DISTRIBUTED.value == "auto" and not (explicit or _cluster_detected()):
     return
+  # CPU processes (tests, debugging) need a collectives backend; the
+  # setting is ignored on GPU and TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                              num_processes=_NUM_PROCESSES.value,
                              process_id=_PROCESS_ID.value)
@@ -61,7 +64,11 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if last:
+    # Every process logs this line (process 0 also writes TensorBoard).
+    logging.info("Process %d finished: epoch=%.4f loss=%.8f",
+                 jax.process_index(), last["epoch"], last["loss"])
 
 
 if __name__ == "__main__":

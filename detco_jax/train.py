@@ -7,7 +7,6 @@ checkpoint and returns cleanly; a NaN loss stops the run before anything
 after it is saved.
 """
 
-import json
 import os
 import signal
 import threading
@@ -20,6 +19,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
 
 from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import config_lib
@@ -28,10 +29,15 @@ from detco_jax import step as step_lib
 from detco_jax import visualize
 from detco_jax.data import augment
 from detco_jax.data import pipeline
+from detco_jax.data import sources
 
 
 class _Stop:
-  """Set by SIGTERM; the loop saves and returns at the next step boundary."""
+  """Set by SIGTERM; the loop saves and returns at a step boundary.
+
+  With one process that is the next step; with several, the next log step,
+  where they agree (see `agreed`).
+  """
 
   def __init__(self):
     self.requested = False
@@ -46,6 +52,26 @@ class _Stop:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
+  def agreed(self, at_sync_point: bool) -> bool:
+    """Whether to stop now; all processes must answer alike.
+
+    One process acts on its own flag at once. Several processes, which may
+    receive SIGTERM at different steps, compare flags at sync points (log
+    steps) so that all of them enter the checkpoint save at the same step.
+
+    Args:
+      at_sync_point: whether this step is one where processes compare.
+
+    Returns:
+      True when the run should save and stop after this step.
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    if not at_sync_point:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self.requested))
+    return bool(np.any(flags))
+
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM: saving a checkpoint at the next step, then "
@@ -57,8 +83,8 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str,
                   writer: metric_writers.MetricWriter) -> None:
   """Records the config next to the run and as TensorBoard hparams."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(
+        config.to_json_best_effort(indent=2))
   flat = {}
   def visit(prefix, node):
     for key, value in node.items():
@@ -83,6 +109,18 @@ def _write_views_image(config, batch, writer, step: int) -> None:
   writer.write_images(step, {"views/I_q,I_k,P_q,P_k": panel[None]})
 
 
+def _prepare_data(config: ml_collections.ConfigDict) -> None:
+  """Lets process 0 generate the built-in dataset while the others wait.
+
+  Every process would otherwise write the same files into a shared data dir.
+  """
+  if jax.process_count() == 1 or config.data.dataset != sources.BUILTIN_NAME:
+    return
+  if jax.process_index() == 0:
+    sources.num_examples(config.data, config.data.train_split)
+  multihost_utils.sync_global_devices("detco_jax: built-in dataset prepared")
+
+
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
   """Averages a window of per-step device metrics on the host."""
   fetched = jax.device_get(history)
@@ -101,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The metrics of the last logging window (empty if no step ran).
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
   mesh = sharding.make_mesh()
   model = config_lib.build_model(config)
   tx, schedule = config_lib.build_optimizer(config)
@@ -116,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start, total = int(state.step), config_lib.total_steps(config)
   train_step = step_lib.make_train_step(config, model, tx, schedule, mesh,
                                         shardings)
+  _prepare_data(config)
   data = pipeline.make_pretrain_iterator(config, start_step=start)
 
   writer = metric_writers.create_default_writer(
@@ -149,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       history.append(metrics)
       step += 1
       report(step)
-      stopping = stop.requested or ckpt.reached_preemption(step)
+      stopping = (ckpt.reached_preemption(step) or
+                  stop.agreed(at_sync_point=step % config.log_every == 0))
       if step % config.log_every == 0 or step == total or stopping:
         last = _log(history, step, steps_per_epoch, window_start, config,
                     data, writer)
