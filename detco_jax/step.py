@@ -106,18 +106,25 @@ def _split_views(views: Batch) -> tuple[jax.Array, ...]:
   return g[:, 0], g[:, 1], p[:, 0], p[:, 1]
 
 
-def _shuffled_keys(model, variables, views, patches, rng, shuffle):
+def _shuffled_keys(model, variables, views, patches, rng, shuffle,
+                   batch_sharding=None):
   """Key embeddings; with shuffle BN, computed on a permuted batch.
 
   Permuting the batch before the key encoder puts each key in a different
   BN sub-batch than its query, so the pair cannot match through shared
   batch statistics (MoCo's shuffle BN). The permutation is undone on the
-  small [B, D] embeddings.
+  small [B, D] embeddings. `batch_sharding`, when given, splits the permuted
+  batch over the devices again: without it XLA keeps the gather's result
+  replicated and runs the whole key encoder on every device.
   """
   if shuffle:
     perm = jax.random.permutation(rng, views.shape[0])
     views = views[perm]
     patches = None if patches is None else patches[perm]
+    if batch_sharding is not None:
+      views = jax.lax.with_sharding_constraint(views, batch_sharding)
+      if patches is not None:
+        patches = jax.lax.with_sharding_constraint(patches, batch_sharding)
   out, _ = model.apply(variables, views, patches, train=True,
                        mutable=["batch_stats"])
   if shuffle:
@@ -130,7 +137,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                config: ml_collections.ConfigDict,
                model: detco_lib.DetCoEncoder,
                tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, Metrics]:
+               schedule: optax.Schedule,
+               batch_sharding: Any = None) -> tuple[TrainState, Metrics]:
   """One DetCo update (un-jitted; see `make_train_step`).
 
   Args:
@@ -142,6 +150,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     model: the encoder.
     tx: the optimiser.
     schedule: the learning-rate schedule, for the metrics.
+    batch_sharding: how batch-sized arrays are split over devices (keeps the
+      shuffled key batch split); None outside a mesh.
 
   Returns:
     (new state, metrics): scalar metrics "loss", "stage/term",
@@ -154,7 +164,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
 
   keys = _shuffled_keys(
       model, {"params": state.ema_params, "batch_stats": state.ema_batch_stats},
-      k_views, k_patches, shuffle_rng, shuffle=config.bn == "shuffle")
+      k_views, k_patches, shuffle_rng, shuffle=config.bn == "shuffle",
+      batch_sharding=batch_sharding)
 
   def loss_fn(params):
     out, updates = model.apply(
@@ -204,7 +215,8 @@ def make_train_step(config: ml_collections.ConfigDict,
     `step(state, batch, rng) -> (state, metrics)`.
   """
   fn = functools.partial(train_step, config=config, model=model, tx=tx,
-                         schedule=schedule)
+                         schedule=schedule,
+                         batch_sharding=sharding.batch_sharded(mesh))
   return jax.jit(
       fn,
       in_shardings=(state_shardings, sharding.batch_sharded(mesh),
