@@ -1,0 +1,151 @@
+"""The step compiles once and makes no implicit transfer; the benchmark runs."""
+
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detco_jax import benchmark
+from detco_jax import config_lib
+from detco_jax import sharding
+from detco_jax import step as step_lib
+from test_step import random_batch, setup, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Figures every benchmark run prints on CPU (other backends may lack some
+# memory fields).
+FIGURES = (
+    "compile_s", "flops_per_step", "memory_arguments_bytes",
+    "memory_outputs_bytes", "memory_aliased_bytes", "memory_temp_bytes",
+    "memory_total_bytes", "step_s", "images_per_s_per_device",
+    "peak_flops_per_s", "achieved_flops_per_s", "mfu", "backbone_s",
+    "overhead_ratio", "flops_ratio",
+)
+
+
+def test_step_traces_once_and_runs_under_transfer_guard(monkeypatch):
+  traces = []
+  traced_step = step_lib.train_step
+
+  # Same name, hence the same program and compilation-cache entry as the
+  # benchmark's step below.
+  @functools.wraps(traced_step)
+  def counting_step(*args, **kwargs):
+    traces.append(1)  # Runs only while jax traces the step.
+    return traced_step(*args, **kwargs)
+
+  # `make_train_step` (inside `setup`) binds the module's `train_step`.
+  monkeypatch.setattr(step_lib, "train_step", counting_step)
+  config = tiny_config()
+  mesh, _, state, step = setup(config)
+  rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
+  losses = []
+  for i in range(4):
+    # The only host-to-device copy, explicit and outside the guard.
+    batch = sharding.host_to_global(random_batch(config, seed=i), mesh)
+    with jax.transfer_guard("disallow"):
+      state, metrics = step(state, batch, rng)
+    losses.append(metrics["loss"])
+  assert len(traces) == 1
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert int(jax.device_get(state.step)) == 4
+  assert np.all(np.isfinite(jax.device_get(losses)))
+
+
+def test_benchmark_command_prints_every_figure():
+  # Views as in `tiny_config`, so the step is the one compiled above (the
+  # tests' persistent compilation cache may then serve it).
+  command = [
+      sys.executable, "-m", "detco_jax.benchmark",
+      "--config=configs/detco.py:tiny", "--config.views.global_size=16",
+      "--config.views.local_size=24", "--config.views.patch_size=8",
+      "--steps=3", "--warmup=1"]
+  result = subprocess.run(command, cwd=REPO, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  stdout = result.stdout
+  figures = {name: float(value) for name, value in re.findall(
+      r"^(\w+): (\S+)$", stdout, re.MULTILINE)}
+  missing = [name for name in FIGURES if name not in figures]
+  assert not missing, (missing, stdout)
+  assert all(np.isfinite(v) and v >= 0 for v in figures.values()), figures
+  assert figures["images_per_s_per_device"] > 0
+  assert 0 < figures["mfu"] < 1.5
+  assert figures["overhead_ratio"] > 0
+  # The full step does all the backbone's work and more.
+  assert figures["flops_ratio"] >= 1
+  assert figures["memory_total_bytes"] > figures["memory_temp_bytes"] > 0
+  # 8 fake devices x 2 images: batch and queue untouched, sizes as asked.
+  assert "devices: 8 x cpu" in stdout
+  assert "global batch: 16 (2 per device)" in stdout
+
+
+def test_step_work_is_split_over_devices():
+  config = tiny_config()
+  mesh = sharding.make_mesh()
+  model = config_lib.build_model(config)
+  tx, schedule = config_lib.build_optimizer(config)
+  _, _, figures = benchmark.compile_step(config, model, tx, schedule, mesh,
+                                         log=lambda line: None)
+  state, _ = benchmark.abstract_state(config, model, tx, mesh)
+  views = {k: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                   sharding=sharding.batch_sharded(mesh))
+           for k, shape in benchmark.batch_shapes(config).items()}
+  backbone = benchmark.make_backbone_step(model, mesh).lower(
+      *benchmark.backbone_args(state, views)).compile()
+  # On one device, heads, loss and updates add about 3% to the backbone.
+  ratio = figures["flops_per_step"] / benchmark.compiled_flops(backbone)
+  assert ratio < 1.3, ratio
+
+
+def test_fit_config_sets_batch_queue_and_bn_groups():
+  config = tiny_config()
+  config.queue_size, config.bn_groups = 100, 4
+  changes = benchmark.fit_config(config, per_device_batch=3, num_devices=2)
+  assert config.batch_size == 6
+  assert config.queue_size == 102
+  assert config.bn_groups == 3
+  assert len(changes) == 3
+
+
+class _FakeCompiled:
+  """Stands in for `jax.stages.Compiled` with given analysis results."""
+
+  def __init__(self, cost, memory=None):
+    self._cost, self._memory = cost, memory
+
+  def cost_analysis(self):
+    return self._cost
+
+  def memory_analysis(self):
+    return self._memory
+
+
+def test_cost_and_memory_analysis_across_return_types():
+  assert benchmark.compiled_flops(_FakeCompiled({"flops": 5.0})) == 5.0
+  assert benchmark.compiled_flops(_FakeCompiled([{"flops": 7.0}])) == 7.0
+  assert benchmark.compiled_flops(_FakeCompiled(None)) is None
+  assert benchmark.compiled_flops(
+      _FakeCompiled([{"bytes accessed": 1.0}])) is None
+  assert benchmark.compiled_memory(_FakeCompiled(None, None)) == {}
+  compiled = jax.jit(lambda x: jnp.tanh(x) @ x, donate_argnums=0).lower(
+      jnp.ones((64, 64))).compile()
+  mem = benchmark.compiled_memory(compiled)
+  assert mem["arguments"] == mem["outputs"] == 64 * 64 * 4
+  assert mem["total"] == (mem["arguments"] + mem["outputs"] + mem["temp"]
+                          - mem["aliased"])
+  assert benchmark.compiled_flops(compiled) >= 2 * 64**3
+
+
+def test_donation_failures_are_reported():
+  jitted = jax.jit(lambda x: x.sum(), donate_argnums=0)  # Nothing to reuse.
+  _, _, caught = benchmark.compile_with_warnings(jitted, jnp.ones((8, 8)))
+  assert any("donated" in message for message in caught), caught
