@@ -41,12 +41,15 @@ fi
 
 # Stands in for a training job: records its arguments and environment, then
 # runs until SIGTERM, which it answers like the real job (save, exit 0).
+# Tests act as soon as argv appears, so the trap comes first, env is written
+# before argv, and both appear whole (written aside, then renamed).
 TRAINING_STUB = """#!/usr/bin/env bash
-printf '%s\\n' "$@" > "$STUB_LOG/argv"
-echo "TFDS_DATA_DIR=${TFDS_DATA_DIR:-}" > "$STUB_LOG/env"
-echo "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" >> "$STUB_LOG/env"
-echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-}" >> "$STUB_LOG/env"
 trap 'echo "stub: SIGTERM, checkpoint saved"; echo TERM > "$STUB_LOG/term"; exit 0' TERM
+{ echo "TFDS_DATA_DIR=${TFDS_DATA_DIR:-}"
+  echo "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}"
+  echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-}"
+} > "$STUB_LOG/env.part" && mv "$STUB_LOG/env.part" "$STUB_LOG/env"
+printf '%s\\n' "$@" > "$STUB_LOG/argv.part" && mv "$STUB_LOG/argv.part" "$STUB_LOG/argv"
 echo "stub: training"
 while true; do sleep 0.05; done
 """
