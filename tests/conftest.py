@@ -26,3 +26,19 @@ def builtin_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   builtin.prepare(image_size=32, num_train=256, num_test=64, data_dir=data_dir)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_workdir(builtin_data_dir, tmp_path_factory) -> str:
+  """A finished tiny pretraining run (6 steps, checkpoints at 3 and 6).
+
+  Probes and the export start from it; made once per test worker.
+  """
+  from configs import detco  # pylint: disable=g-import-not-at-top
+  from detco_jax import train  # pylint: disable=g-import-not-at-top
+  config = detco.get_config("tiny")
+  config.data.data_dir = builtin_data_dir
+  config.write_views_image = False
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  train.train_and_evaluate(config, workdir)
+  return workdir

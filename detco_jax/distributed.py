@@ -1,0 +1,54 @@
+"""Multi-process start-up shared by every job (pretraining, probes).
+
+Importing this module defines the flags `--distributed`,
+`--coordinator_address`, `--num_processes` and `--process_id`; a job's
+`main` calls `initialize()` before touching devices.
+"""
+
+import os
+
+import jax
+from absl import flags
+from absl import logging
+
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize: 'auto' on TPU pods / SLURM / when a "
+    "coordinator is given, 'on' always, 'off' never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of JAX processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index.")
+
+
+def initialize() -> None:
+  """Starts the multi-controller runtime when the run spans processes."""
+  explicit = _COORDINATOR.value is not None
+  if _DISTRIBUTED.value == "off":
+    return
+  if _DISTRIBUTED.value == "auto" and not (explicit or cluster_detected()):
+    return
+  # CPU processes (tests, debugging) need a collectives backend; the
+  # setting is ignored on GPU and TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value,
+                             process_id=_PROCESS_ID.value)
+
+
+def cluster_detected() -> bool:
+  """True on a multi-host TPU slice or inside a multi-task SLURM job."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1
+
+
+def log_devices() -> None:
+  """Logs this process's place in the run and its devices."""
+  logging.info("JAX process %d of %d; %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)

@@ -1,0 +1,59 @@
+"""Frozen-backbone features shared by every probe.
+
+The probes see the backbone as the pretraining run left it: evaluation-mode
+BN (running statistics), the pretraining run's normalisation, no gradient.
+"""
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from detco_jax.data import augment
+from detco_jax.pretrained import Backbone
+
+Array = jax.Array
+
+
+def preprocess(images: Array, norm: Any) -> Array:
+  """uint8 [..., H, W, 3] -> float32, normalised as in pretraining.
+
+  Args:
+    images: uint8 (or float in 0..255) images.
+    norm: an object with `mean` and `std` (the pretraining `config.aug`).
+
+  Returns:
+    Normalised float32 images.
+  """
+  return augment.normalize(images.astype(jnp.float32) / 255.0, norm)
+
+
+def stage_maps(backbone: Backbone, variables: Any, images: Array,
+               stages: Sequence[str] | None = None) -> dict[str, Array]:
+  """The frozen backbone's stage maps of uint8 images (traceable).
+
+  Args:
+    backbone: the backbone (its module and pretraining config are used).
+    variables: its variables (passed separately so jit sees arrays).
+    images: uint8 [B, H, W, 3].
+    stages: which maps to return; default all four.
+
+  Returns:
+    `{stage: float32 [B, h, w, C]}`, gradients stopped.
+  """
+  x = preprocess(images, backbone.config.aug)
+  maps = backbone.module.apply(variables, x, train=False)
+  stages = tuple(maps) if stages is None else tuple(stages)
+  return {s: jax.lax.stop_gradient(maps[s].astype(jnp.float32))
+          for s in stages}
+
+
+def pooled(maps: dict[str, Array]) -> dict[str, Array]:
+  """Global average pooling of each stage map: [B, h, w, C] -> [B, C]."""
+  return {s: m.mean(axis=(1, 2)) for s, m in maps.items()}
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+  """Rows of `x` scaled to unit L2 norm (zero rows stay zero)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
