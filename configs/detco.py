@@ -143,6 +143,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.write_views_image = True
   c.profile_steps = ()        # e.g. (100, 110): profiler window.
+
+  # ---- kNN monitor on the query backbone (detco_jax/eval/knn.py): weighted
+  # kNN of res5 features, a train subset against a test subset (test
+  # transform, `eval_views`). 0 steps: off.
+  c.knn = ml_collections.ConfigDict(dict(
+      every_steps=0, stage="res5", k=200, temperature=0.07,
+      train_examples=10_000, test_examples=2_000, batch_size=256))
   return c
 
 
@@ -174,6 +181,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.num_epochs = 3
   c.log_every = 20
   c.checkpoint_every = 200
+  c.knn.every_steps = 156      # Once per epoch (and at the end).
+  c.knn.train_examples = 5_000
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
@@ -201,6 +210,10 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.total_steps = 6
   c.log_every = 2
   c.checkpoint_every = 3
+  c.knn.every_steps = 0
+  c.knn.train_examples = 256
+  c.knn.test_examples = 64
+  c.knn.batch_size = 32
 
 
 def _800ep(c: ml_collections.ConfigDict) -> None:

@@ -154,3 +154,28 @@ def random_init(config: ml_collections.ConfigDict, seed: int = 0,
   variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.key(seed))
   return Backbone(module, dict(variables), config, 0, f"random init {seed}")
+
+
+def for_probe(config: ml_collections.ConfigDict,
+              mesh: Mesh | None = None) -> Backbone:
+  """The backbone a probe config names: restored, or untrained (floor).
+
+  Args:
+    config: a probe config (`pretrained`, `pretrained_step`,
+      `random_init`, `seed`).
+    mesh: the mesh for the replicated variables; default all devices.
+
+  Returns:
+    The backbone.
+
+  Raises:
+    ValueError: when `config.pretrained` is unset.
+  """
+  if not config.pretrained:
+    raise ValueError(
+        "Set --config.pretrained=PRETRAIN_WORKDIR: the probe takes the "
+        "backbone (and, with --config.random_init=True, just its "
+        "architecture) from a pretraining run's workdir.")
+  if config.random_init:
+    return random_init(load_config(config.pretrained), config.seed, mesh)
+  return load(config.pretrained, config.pretrained_step, mesh)

@@ -8,8 +8,6 @@ after it is saved.
 """
 
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -20,63 +18,18 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
-from jax.experimental import multihost_utils
 
 from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import config_lib
+from detco_jax import preemption
+from detco_jax import pretrained
 from detco_jax import sharding
 from detco_jax import step as step_lib
 from detco_jax import visualize
 from detco_jax.data import augment
 from detco_jax.data import pipeline
 from detco_jax.data import sources
-
-
-class _Stop:
-  """Set by SIGTERM; the loop saves and returns at a step boundary.
-
-  With one process that is the next step; with several, the next log step,
-  where they agree (see `agreed`).
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self) -> None:
-    # Signal handlers can only be set from the main thread.
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def agreed(self, at_sync_point: bool) -> bool:
-    """Whether to stop now; all processes must answer alike.
-
-    One process acts on its own flag at once. Several processes, which may
-    receive SIGTERM at different steps, compare flags at sync points (log
-    steps) so that all of them enter the checkpoint save at the same step.
-
-    Args:
-      at_sync_point: whether this step is one where processes compare.
-
-    Returns:
-      True when the run should save and stop after this step.
-    """
-    if jax.process_count() == 1:
-      return self.requested
-    if not at_sync_point:
-      return False
-    flags = multihost_utils.process_allgather(np.asarray(self.requested))
-    return bool(np.any(flags))
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint at the next step, then "
-                    "exiting.")
-    self.requested = True
+from detco_jax.eval import knn
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str,
@@ -107,18 +60,6 @@ def _write_views_image(config, batch, writer, step: int) -> None:
       views["global"][0], views["local"][0] if "local" in views else None,
       config.aug.mean, config.aug.std)
   writer.write_images(step, {"views/I_q,I_k,P_q,P_k": panel[None]})
-
-
-def _prepare_data(config: ml_collections.ConfigDict) -> None:
-  """Lets process 0 generate the built-in dataset while the others wait.
-
-  Every process would otherwise write the same files into a shared data dir.
-  """
-  if jax.process_count() == 1 or config.data.dataset != sources.BUILTIN_NAME:
-    return
-  if jax.process_index() == 0:
-    sources.num_examples(config.data, config.data.train_split)
-  multihost_utils.sync_global_devices("detco_jax: built-in dataset prepared")
 
 
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -154,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start, total = int(state.step), config_lib.total_steps(config)
   train_step = step_lib.make_train_step(config, model, tx, schedule, mesh,
                                         shardings)
-  _prepare_data(config)
+  sources.prepare_builtin(config.data)
   data = pipeline.make_pretrain_iterator(config, start_step=start)
 
   writer = metric_writers.create_default_writer(
@@ -163,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _write_config(config, workdir, writer)
   report = periodic_actions.ReportProgress(num_train_steps=total,
                                            writer=writer)
-  stop = _Stop()
+  stop = preemption.StopRequest()
   stop.install()
   history, last, window_start = [], {}, time.perf_counter()
   previous = None  # The last step's metrics, checked after the next dispatch.
@@ -194,6 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last = _log(history, step, steps_per_epoch, window_start, config,
                     data, writer)
         history, window_start = [], time.perf_counter()
+      if _knn_due(config, step, total) and not stopping:
+        _knn_monitor(config, state, step, mesh, writer)
       if step % config.checkpoint_every == 0 or step == total or stopping:
         step_lib.check_finite(float(metrics["loss"]), step - 1)
         with report.timed("checkpoint"):
@@ -220,6 +163,23 @@ def _log(history, step, steps_per_epoch, window_start, config, data,
   scalars["data/skipped_images"] = float(data.num_corrupt)
   writer.write_scalars(step, scalars)
   return scalars
+
+
+def _knn_due(config, step: int, total: int) -> bool:
+  """Whether the kNN monitor runs after `step` (every N steps and at the end)."""
+  every = config.knn.every_steps if "knn" in config else 0
+  return every > 0 and (step % every == 0 or step == total)
+
+
+def _knn_monitor(config, state, step: int, mesh, writer) -> None:
+  """Writes the query backbone's kNN top-1 (`knn/top1`) at `step`."""
+  backbone = pretrained.from_encoder(config, state.params, state.batch_stats,
+                                     step)
+  results = knn.evaluate(backbone, config, mesh)
+  writer.write_scalars(step, {"knn/top1": results["knn_top1"]})
+  logging.info("Step %d: kNN top-1 %.4f (%s, %d train / %d test).", step,
+               results["knn_top1"], config.knn.stage, results["num_train"],
+               results["num_test"])
 
 
 def _profile(config, workdir: str, step: int) -> None:

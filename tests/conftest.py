@@ -32,6 +32,8 @@ def builtin_data_dir(tmp_path_factory) -> str:
 def tiny_pretrain_workdir(builtin_data_dir, tmp_path_factory) -> str:
   """A finished tiny pretraining run (6 steps, checkpoints at 3 and 6).
 
+  The kNN monitor ran at steps 3 and 6 (`knn/top1` in its events).
+
   Probes and the export start from it; made once per test worker.
   """
   from configs import detco  # pylint: disable=g-import-not-at-top
@@ -39,6 +41,7 @@ def tiny_pretrain_workdir(builtin_data_dir, tmp_path_factory) -> str:
   config = detco.get_config("tiny")
   config.data.data_dir = builtin_data_dir
   config.write_views_image = False
+  config.knn.every_steps = 3  # The monitor runs at steps 3 and 6.
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   train.train_and_evaluate(config, workdir)
   return workdir

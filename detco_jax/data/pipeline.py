@@ -297,7 +297,8 @@ def eval_sizes(config: Any) -> tuple[int, int]:
     ImageNet scale.
   """
   eval_views = config.get("eval_views") or {}
-  crop = int(eval_views.get("crop_size", config.views.global_size))
+  crop = int(eval_views["crop_size"] if "crop_size" in eval_views
+            else config.views.global_size)
   resize = int(eval_views.get("resize_size", round(crop * 256 / 224)))
   return crop, resize
 

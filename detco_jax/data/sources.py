@@ -231,6 +231,25 @@ def open_source(config_data: Any, split: str, *,
   return source
 
 
+def prepare_builtin(config_data: Any) -> None:
+  """Generates the built-in dataset on process 0 while the others wait.
+
+  Every process would otherwise write the same files into a shared data
+  dir. Other datasets need no preparation here.
+
+  Args:
+    config_data: the `config.data` section.
+  """
+  if config_data.dataset != BUILTIN_NAME:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1 or jax.process_index() == 0:
+    _builder(config_data)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("detco_jax: built-in dataset ready")
+
+
 def num_examples(config_data: Any, split: str) -> int:
   """Number of examples in a whole split (all processes together).
 

@@ -1,0 +1,129 @@
+r"""Linear probe of a pretrained backbone (MoCo protocol), one head per stage.
+
+The paper's setting (ImageNet, 100 epochs, batch 256, SGD lr 30, x0.1 at
+epochs 60 and 80; RandomResizedCrop + flip for training, resize 256 + centre
+crop 224 for test):
+
+  python -m detco_jax.eval.linear --config=configs/linear_probe.py \
+      --config.pretrained=$PRETRAIN_WORKDIR --workdir=$PROBE_WORKDIR
+
+Expected for DetCo ResNet-50, 200 epochs (paper, Table 12 / Table 1): Res5
+top-1 68.6, top-5 88.5. The frozen backbone is the query encoder of the
+latest checkpoint (`--config.pretrained_step` picks another); its
+architecture and input normalisation come from the pretraining run's
+config.json. `--config.random_init=True` probes the same architecture
+untrained: the floor.
+
+Variants (`--config=configs/linear_probe.py:VARIANT`):
+
+  demo   the built-in dataset after the README's demo pretraining
+         (`configs/detco.py:demo`): 48 px crops, 10 epochs, a few minutes on
+         a 2-core CPU.
+  tiny   a few steps at 32 px for tests.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The MoCo linear-probe protocol on ImageNet."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # The pretraining workdir to probe, and which checkpoint (None: latest).
+  c.pretrained = ml_collections.config_dict.placeholder(str)
+  c.pretrained_step = ml_collections.config_dict.placeholder(int)
+  c.random_init = False       # Probe the untrained network instead (floor).
+
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012",
+      train_split="train",
+      eval_split="validation",
+      data_dir=ml_collections.config_dict.placeholder(str),
+      image_key="image",
+      label_key="label",
+      shuffle_buffer=10_000,
+      prefetch=2,
+      builtin_image_size=64,  # Only for the built-in `detco_shapes`.
+      builtin_num_train=10_000,
+      builtin_num_test=2_000,
+  ))
+  # Training crops: RandomResizedCrop(crop_size, area (0.08, 1)) + flip.
+  c.views = ml_collections.ConfigDict(dict(flip_prob=0.5))
+  # Test: resize the shorter side to resize_size, centre crop crop_size.
+  c.eval_views = ml_collections.ConfigDict(dict(crop_size=224,
+                                                resize_size=256))
+
+  # One linear classifier per stage on global-average-pooled features.
+  c.stages = ("res2", "res3", "res4", "res5")
+  c.batch_size = 256           # Global, all processes together.
+  c.num_epochs = 100
+  c.num_train_examples = -1    # -1: the train split's size.
+  c.lr = 30.0                  # Not scaled with the batch (MoCo).
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.lr_decay_epochs = (60, 80)
+  c.lr_decay_factor = 0.1
+
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.eval_every = 0             # Steps between test passes; 0: at the end.
+  c.keep_checkpoints = 2
+
+  # The kNN monitor (`python -m detco_jax.eval.knn`) reads the same config.
+  c.knn = ml_collections.ConfigDict(dict(
+      stage="res5", k=200, temperature=0.07,
+      train_examples=10_000, test_examples=2_000, batch_size=256))
+  return c
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+  """The built-in dataset at the demo pretraining's sizes."""
+  c.data.dataset = "detco_shapes"
+  c.data.eval_split = "test"
+  c.data.shuffle_buffer = 2_000
+  c.eval_views.crop_size = 48
+  c.eval_views.resize_size = 55
+  c.num_epochs = 10
+  c.lr_decay_epochs = (6, 8)
+  c.log_every = 20
+  c.checkpoint_every = 200
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """A few steps on the tiny built-in dataset (tests)."""
+  _demo(c)
+  c.data.builtin_image_size = 32
+  c.data.builtin_num_train = 256
+  c.data.builtin_num_test = 64
+  c.data.shuffle_buffer = 64
+  c.eval_views.crop_size = 32
+  c.eval_views.resize_size = 37
+  c.batch_size = 32
+  c.num_epochs = 1
+  c.lr_decay_epochs = (0.5, 0.75)
+  c.log_every = 2
+  c.checkpoint_every = 4
+  c.knn.train_examples = 256
+  c.knn.test_examples = 64
+  c.knn.batch_size = 32
+
+
+VARIANTS = {"demo": _demo, "tiny": _tiny}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The probe config, with comma-separated variants applied in order.
+
+  Args:
+    arg: e.g. "demo"; None or "" for the paper's ImageNet protocol.
+
+  Returns:
+    The config.
+  """
+  c = base_config()
+  for name in filter(None, (arg or "").split(",")):
+    if name not in VARIANTS:
+      raise ValueError(f"Unknown variant {name!r}; choose from "
+                       f"{sorted(VARIANTS)}.")
+    VARIANTS[name](c)
+  return c

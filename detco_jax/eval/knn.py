@@ -1,0 +1,207 @@
+r"""Weighted kNN classification on frozen features: a cheap quality monitor.
+
+Each test example's L2-normalised res5 feature votes with its k nearest
+training features (cosine similarity s), neighbour i adding exp(s_i / tau)
+to its label's score (Wu et al. 2018, the monitor of InstDisc and MoCo
+ports; k = 200, tau = 0.07). Train features use the test transform (resize
+and centre crop), so the monitor needs no training at all.
+
+On its own:
+
+  python -m detco_jax.eval.knn --config=configs/linear_probe.py:demo \
+      --config.pretrained=PRETRAIN_WORKDIR --workdir=DIR
+
+Inside pretraining, `config.knn.every_steps > 0` runs it on the query
+backbone every that many steps (see `detco_jax.train`).
+"""
+
+import json
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from detco_jax import distributed
+from detco_jax import pretrained
+from detco_jax import sharding
+from detco_jax.data import pipeline
+from detco_jax.data import sources
+from detco_jax.eval import features
+
+RESULTS_FILE = "knn_results.json"
+
+
+def knn_predict(train_features: jax.Array, train_labels: jax.Array,
+                test_features: jax.Array, num_classes: int, k: int = 200,
+                temperature: float = 0.07) -> jax.Array:
+  """Weighted kNN labels of `test_features` (all rows L2-normalised).
+
+  Args:
+    train_features: [N, D] unit rows.
+    train_labels: [N] int labels in [0, num_classes).
+    test_features: [M, D] unit rows.
+    num_classes: number of classes.
+    k: neighbours per query (capped at N).
+    temperature: tau in exp(similarity / tau).
+
+  Returns:
+    [M] predicted labels: argmax over classes of the summed weights.
+  """
+  k = min(k, train_features.shape[0])
+  similarity = test_features @ train_features.T
+  top_sim, top_index = jax.lax.top_k(similarity, k)
+  weights = jnp.exp(top_sim / temperature)
+  votes = jax.nn.one_hot(train_labels[top_index], num_classes) * \
+      weights[..., None]
+  return jnp.argmax(votes.sum(axis=1), axis=-1)
+
+
+def knn_accuracy(train_features: jax.Array, train_labels: jax.Array,
+                 test_features: jax.Array, test_labels: jax.Array,
+                 num_classes: int, k: int = 200, temperature: float = 0.07,
+                 chunk: int = 1024) -> float:
+  """Top-1 accuracy of `knn_predict`, in chunks of test rows (memory).
+
+  Args:
+    train_features, train_labels, test_features, num_classes, k,
+      temperature: as in `knn_predict`.
+    test_labels: [M] true labels.
+    chunk: test rows per similarity block.
+
+  Returns:
+    The fraction of test rows whose predicted label is right.
+  """
+  predict = jax.jit(knn_predict, static_argnums=(3, 4))
+  correct = 0
+  for i in range(0, test_features.shape[0], chunk):
+    predicted = predict(train_features, train_labels,
+                        test_features[i:i + chunk], num_classes, k,
+                        temperature)
+    correct += int(jnp.sum(predicted == test_labels[i:i + chunk]))
+  return correct / max(test_features.shape[0], 1)
+
+
+def extract(backbone: pretrained.Backbone, batches: Iterable[dict[str, Any]],
+            mesh: Mesh, stage: str, max_examples: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Unit-norm pooled features and labels of up to `max_examples` images.
+
+  Args:
+    backbone: the frozen backbone.
+    batches: this process's padded test-transform batches ("image",
+      "label", "mask").
+    mesh: the device mesh.
+    stage: which stage's pooled map.
+    max_examples: stop after this many real examples (all processes).
+
+  Returns:
+    (features [n, C] float32, labels [n] int32) of the real examples, the
+    same on every process.
+  """
+  @jax.jit
+  def embed(variables, images):
+    maps = features.stage_maps(backbone, variables, images, (stage,))
+    return features.l2_normalize(features.pooled(maps)[stage])
+
+  feats, labels, seen = [], [], 0
+  for batch in batches:
+    images = sharding.host_to_global(batch["image"], mesh)
+    out = embed(backbone.variables, images)
+    # All processes need all rows: gather the global arrays to every host.
+    out, label, mask = (multihost_utils.process_allgather(x, tiled=True)
+                        for x in (out, batch["label"], batch["mask"]))
+    keep = np.asarray(mask) > 0
+    feats.append(np.asarray(out)[keep])
+    labels.append(np.asarray(label)[keep])
+    seen += int(keep.sum())
+    if seen >= max_examples:
+      break
+  return (np.concatenate(feats)[:max_examples],
+          np.concatenate(labels)[:max_examples].astype(np.int32))
+
+
+def evaluate(backbone: pretrained.Backbone, config: ml_collections.ConfigDict,
+             mesh: Mesh | None = None) -> dict[str, float]:
+  """kNN top-1 of a backbone on `config.data` (train subset vs test subset).
+
+  Args:
+    backbone: the frozen backbone.
+    config: a config with `data` (train/eval splits), `eval_views` and
+      `knn` (stage, k, temperature, train_examples, test_examples,
+      batch_size); probe and pretraining configs both have them.
+    mesh: the device mesh; default all devices.
+
+  Returns:
+    {"knn_top1", "num_train", "num_test"}.
+  """
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  knn = config.knn
+
+  def batches(split):
+    return pipeline.make_eval_iterator(config, split, train=False,
+                                       batch_size=knn.batch_size)
+  train_x, train_y = extract(backbone, batches(config.data.train_split), mesh,
+                             knn.stage, knn.train_examples)
+  test_x, test_y = extract(backbone, batches(config.data.eval_split), mesh,
+                           knn.stage, knn.test_examples)
+  num_classes = sources.num_classes(config.data)
+  accuracy = knn_accuracy(jnp.asarray(train_x), jnp.asarray(train_y),
+                          jnp.asarray(test_x), jnp.asarray(test_y),
+                          num_classes, knn.k, knn.temperature)
+  return {"knn_top1": accuracy, "num_train": len(train_y),
+          "num_test": len(test_y)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The standalone job: evaluates a pretrained (or random) backbone.
+
+  Args:
+    config: a probe config (configs/linear_probe.py).
+    workdir: where `knn_results.json` goes.
+
+  Returns:
+    The results written.
+  """
+  mesh = sharding.make_mesh()
+  backbone = pretrained.for_probe(config, mesh)
+  sources.prepare_builtin(config.data)
+  results = dict(evaluate(backbone, config, mesh),
+                 backbone=backbone.source, pretrained_step=backbone.step,
+                 random_init=bool(config.random_init),
+                 dataset=config.data.dataset, stage=config.knn.stage,
+                 k=config.knn.k, temperature=config.knn.temperature)
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RESULTS_FILE).write_text(json.dumps(results, indent=2,
+                                                sort_keys=True))
+  return results
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  distributed.log_devices()
+  results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  logging.info("kNN top-1 (%s, k=%d): %.4f on %d test / %d train examples.",
+               results["stage"], results["k"], results["knn_top1"],
+               results["num_test"], results["num_train"])
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so that jobs can import each other.
+  config_flags.DEFINE_config_file(
+      "config", None, "Probe config, e.g. configs/linear_probe.py:demo.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for knn_results.json.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

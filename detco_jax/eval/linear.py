@@ -1,0 +1,385 @@
+r"""The linear-probe job: frozen backbone, one linear classifier per stage.
+
+  python -m detco_jax.eval.linear --config=configs/linear_probe.py \
+      --config.pretrained=PRETRAIN_WORKDIR --workdir=DIR
+
+It restores the query backbone of a pretraining checkpoint, freezes it, and
+trains a linear classifier on the global-average-pooled map of each stage
+(res2..res5, the paper's Table 12) with the MoCo protocol: SGD, lr 30,
+momentum 0.9, no weight decay, step decay; RandomResizedCrop + flip for
+training, resize + centre crop for test. All four heads train in one jitted
+step on the same frozen features. Top-1 and top-5 per stage go to
+TensorBoard, the log and `<workdir>/linear_results.json`. A workdir with a
+checkpoint resumes, data stream included; SIGTERM saves and exits.
+"""
+
+import json
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from detco_jax import checkpoint as checkpoint_lib
+from detco_jax import distributed
+from detco_jax import preemption
+from detco_jax import pretrained
+from detco_jax import sharding
+from detco_jax.data import pipeline
+from detco_jax.data import sources
+from detco_jax.eval import features
+
+RESULTS_FILE = "linear_results.json"
+Heads = dict[str, dict[str, jax.Array]]
+
+
+@flax.struct.dataclass
+class ProbeState:
+  """The trainable part of a probe: the heads and their optimiser state."""
+  step: jax.Array
+  params: Heads
+  opt_state: Any
+
+
+def init_heads(channels: dict[str, int], stages: Sequence[str],
+               num_classes: int, rng: jax.Array) -> Heads:
+  """One linear layer per stage; weights N(0, 0.01), bias 0 (MoCo).
+
+  Args:
+    channels: the backbone's channels per stage.
+    stages: stages that get a head.
+    num_classes: output classes.
+    rng: PRNG key.
+
+  Returns:
+    `{stage: {"kernel": [C, num_classes], "bias": [num_classes]}}`.
+  """
+  keys = jax.random.split(rng, len(stages))
+  return {s: {"kernel": 0.01 * jax.random.normal(k, (channels[s],
+                                                     num_classes)),
+              "bias": jnp.zeros((num_classes,))}
+          for s, k in zip(stages, keys)}
+
+
+def head_logits(params: Heads, pooled: dict[str, jax.Array]
+                ) -> dict[str, jax.Array]:
+  """Each stage's logits from its pooled features."""
+  return {s: pooled[s] @ p["kernel"] + p["bias"] for s, p in params.items()}
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum and step decay at `lr_decay_epochs`.
+
+  Weight decay is added to the gradient before momentum, as PyTorch's SGD
+  does, so the protocol's numbers carry over.
+
+  Args:
+    config: the probe config.
+    steps_per_epoch: optimiser steps per epoch.
+
+  Returns:
+    (tx, schedule).
+  """
+  boundaries = {int(round(e * steps_per_epoch)): config.lr_decay_factor
+                for e in config.lr_decay_epochs}
+  schedule = optax.piecewise_constant_schedule(config.lr, boundaries)
+  tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                   optax.sgd(schedule, momentum=config.momentum))
+  return tx, schedule
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k largest logits, per example."""
+  k = min(k, logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  # Rank by strict "greater than" so ties do not push the label out.
+  rank = jnp.sum(logits > label_logit, axis=-1)
+  return (rank < k).astype(jnp.float32)
+
+
+def make_train_step(backbone: pretrained.Backbone,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, state_sharding: Any):
+  """The jitted probe update (the state is donated).
+
+  Args:
+    backbone: the frozen backbone.
+    tx: the heads' optimiser.
+    schedule: its learning-rate schedule (logged).
+    mesh: the device mesh.
+    state_sharding: the state's shardings (replicated).
+
+  Returns:
+    `step(state, backbone_variables, batch) -> (state, metrics)`.
+  """
+  def step(state, variables, batch):
+    stages = tuple(state.params)
+    pooled = features.pooled(features.stage_maps(backbone, variables,
+                                                 batch["image"], stages))
+
+    def loss_fn(params):
+      logits = head_logits(params, pooled)
+      per_stage = {s: optax.softmax_cross_entropy_with_integer_labels(
+          l, batch["label"]).mean() for s, l in logits.items()}
+      return sum(per_stage.values()), (per_stage, logits)
+
+    grads, (per_stage, logits) = jax.grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"lr": schedule(state.step)}
+    for s in stages:
+      metrics[f"{s}/loss"] = per_stage[s]
+      metrics[f"{s}/train_top1"] = _topk_correct(logits[s], batch["label"],
+                                                 1).mean()
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(state_sharding, rep, data),
+                 out_shardings=(state_sharding, rep), donate_argnums=0)
+
+
+def make_eval_step(backbone: pretrained.Backbone, mesh: Mesh):
+  """The jitted test step: counts of correct top-1/top-5 and real examples.
+
+  Args:
+    backbone: the frozen backbone.
+    mesh: the device mesh.
+
+  Returns:
+    `step(heads, backbone_variables, batch) -> {"count", stage/top1,
+    stage/top5}`, sums over the global batch (padding excluded).
+  """
+  def step(params, variables, batch):
+    stages = tuple(params)
+    pooled = features.pooled(features.stage_maps(backbone, variables,
+                                                 batch["image"], stages))
+    logits = head_logits(params, pooled)
+    mask = batch["mask"].astype(jnp.float32)
+    sums = {"count": mask.sum()}
+    for s in stages:
+      for k in (1, 5):
+        sums[f"{s}/top{k}"] = jnp.sum(
+            _topk_correct(logits[s], batch["label"], k) * mask)
+    return sums
+
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=rep)
+
+
+def evaluate(eval_step, params: Heads, variables: Any,
+             batches: Any, mesh: Mesh) -> dict[str, dict[str, float]]:
+  """Top-1 and top-5 accuracy per stage over one pass of test batches.
+
+  Args:
+    eval_step: from `make_eval_step`.
+    params: the heads.
+    variables: the frozen backbone's variables.
+    batches: this process's test batches (with "mask").
+    mesh: the device mesh.
+
+  Returns:
+    `{stage: {"top1": ..., "top5": ...}}` over all processes' examples.
+  """
+  totals = None
+  for batch in batches:
+    batch = {k: batch[k] for k in ("image", "label", "mask")}
+    sums = eval_step(params, variables, sharding.host_to_global(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals.pop("count")), 1.0)
+  results: dict[str, dict[str, float]] = {}
+  for name, value in totals.items():
+    stage, metric = name.split("/")
+    results.setdefault(stage, {})[metric] = float(value) / count
+  return results
+
+
+def _check_batch(config: ml_collections.ConfigDict) -> None:
+  """A global batch that does not split over devices stops the job at once."""
+  n = jax.device_count()
+  if config.batch_size % n:
+    raise ValueError(
+        f"Bad config: batch_size={config.batch_size} must be a multiple of "
+        f"the {n} devices; e.g. --config.batch_size="
+        f"{-(-config.batch_size // n) * n}.")
+
+
+def write_results(workdir: str, results: dict[str, Any]) -> None:
+  """Writes the results JSON (process 0 only)."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / RESULTS_FILE).write_text(
+        json.dumps(results, indent=2, sort_keys=True))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the probe in `workdir`, then evaluates it.
+
+  Args:
+    config: the probe config (see configs/linear_probe.py).
+    workdir: where checkpoints, TensorBoard events and the results go.
+
+  Returns:
+    The results written to `linear_results.json`; "stages" holds top-1 and
+    top-5 per stage. A run stopped by SIGTERM returns {} before evaluating.
+  """
+  _check_batch(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh()
+  backbone = pretrained.for_probe(config, mesh)
+  sources.prepare_builtin(config.data)
+  n_train = (config.num_train_examples if config.num_train_examples > 0 else
+             sources.num_examples(config.data, config.data.train_split))
+  steps_per_epoch = max(n_train // config.batch_size, 1)
+  total = int(round(config.num_epochs * steps_per_epoch))
+  num_classes = sources.num_classes(config.data)
+  tx, schedule = build_optimizer(config, steps_per_epoch)
+
+  def init(rng):
+    params = init_heads(backbone.channels, config.stages, num_classes, rng)
+    return ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                jax.eval_shape(init, jax.random.key(0)))
+  state = jax.jit(init, out_shardings=state_sharding)(
+      jax.random.key(config.seed))
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    logging.info("Resuming the probe from step %d.", ckpt.latest_step())
+    state = ckpt.restore(state)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  logging.info("Linear probe of %s on %s: steps %d..%d, %d classes.",
+               backbone.source, config.data.dataset, int(state.step), total,
+               num_classes)
+  try:
+    state, stopped = _train(config, workdir, backbone, state, total, tx,
+                            schedule, mesh, state_sharding, ckpt, writer)
+    if stopped:
+      return {}
+    results = _final_results(config, workdir, backbone, state, mesh,
+                             steps_per_epoch, writer)
+  finally:
+    ckpt.close()
+    writer.flush()
+    writer.close()
+  return results
+
+
+def _train(config, workdir, backbone, state, total, tx, schedule, mesh,
+           state_sharding, ckpt, writer) -> tuple[ProbeState, bool]:
+  """The probe's training loop; returns (state, stopped by SIGTERM)."""
+  start = int(state.step)
+  if start >= total:
+    return state, False
+  train_step = make_train_step(backbone, tx, schedule, mesh, state_sharding)
+  eval_step = make_eval_step(backbone, mesh)
+  data = pipeline.make_eval_iterator(config, config.data.train_split,
+                                     train=True, batch_size=config.batch_size,
+                                     start_step=start)
+  stop = preemption.StopRequest()
+  stop.install()
+  history = []
+  try:
+    for step in range(start + 1, total + 1):
+      batch = sharding.host_to_global(
+          {k: v for k, v in next(data).items() if k in ("image", "label")},
+          mesh)
+      state, metrics = train_step(state, backbone.variables, batch)
+      history.append(metrics)
+      stopping = stop.agreed(at_sync_point=step % config.log_every == 0)
+      if step % config.log_every == 0 or step == total or stopping:
+        scalars = _window_means(history)
+        writer.write_scalars(step, scalars)
+        history = []
+        if not np.isfinite(scalars[f"{config.stages[-1]}/loss"]):
+          raise FloatingPointError(
+              f"Probe loss is not finite at step {step}; lower --config.lr "
+              "(features of this backbone may be large).")
+      if config.eval_every and step % config.eval_every == 0 and step < total:
+        _write_eval(writer, step, evaluate(
+            eval_step, state.params, backbone.variables,
+            _test_batches(config), mesh))
+      if step % config.checkpoint_every == 0 or step == total or stopping:
+        ckpt.save(step, state)
+      if stopping:
+        logging.warning("Probe stopped at step %d by SIGTERM; rerun the same "
+                        "command to resume.", step)
+        return state, True
+  finally:
+    stop.uninstall()
+  return state, False
+
+
+def _test_batches(config: ml_collections.ConfigDict):
+  return pipeline.make_eval_iterator(config, config.data.eval_split,
+                                     train=False,
+                                     batch_size=config.batch_size)
+
+
+def _window_means(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  fetched = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _write_eval(writer, step: int, results: dict[str, dict[str, float]]
+                ) -> None:
+  scalars = {f"{s}/test_{m}": v for s, r in results.items()
+             for m, v in r.items()}
+  writer.write_scalars(step, scalars)
+  logging.info("Step %d test accuracy: %s", step, ", ".join(
+      f"{s} top-1 {r['top1']:.4f} top-5 {r['top5']:.4f}"
+      for s, r in results.items()))
+
+
+def _final_results(config, workdir, backbone, state, mesh, steps_per_epoch,
+                   writer) -> dict[str, Any]:
+  """Evaluates the trained heads and writes the results file."""
+  stages = evaluate(make_eval_step(backbone, mesh), state.params,
+                    backbone.variables, _test_batches(config), mesh)
+  step = int(state.step)
+  _write_eval(writer, step, stages)
+  results = {
+      "pretrained": config.pretrained,
+      "pretrained_step": backbone.step,
+      "random_init": bool(config.random_init),
+      "backbone": backbone.source,
+      "dataset": config.data.dataset,
+      "eval_split": config.data.eval_split,
+      "steps": step,
+      "epochs": step / steps_per_epoch,
+      "stages": stages,
+  }
+  write_results(workdir, results)
+  return results
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  distributed.log_devices()
+  results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  for stage, r in results.get("stages", {}).items():
+    logging.info("Process %d: %s top-1 %.4f top-5 %.4f", jax.process_index(),
+                 stage, r["top1"], r["top5"])
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so that jobs can import each other.
+  config_flags.DEFINE_config_file(
+      "config", None, "Probe config, e.g. configs/linear_probe.py:demo.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for the probe's checkpoints, events and linear_results.json.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

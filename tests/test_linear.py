@@ -1,0 +1,127 @@
+"""The linear-probe job: restore, train, evaluate, resume, fail clearly."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import linear_probe
+from detco_jax import checkpoint as checkpoint_lib
+from detco_jax import config_lib
+from detco_jax import pretrained
+from detco_jax import sharding
+from detco_jax import step as step_lib
+from detco_jax.data import augment
+from detco_jax.eval import features
+from detco_jax.eval import linear
+
+
+@pytest.fixture
+def config(tiny_pretrain_workdir, builtin_data_dir):
+  c = linear_probe.get_config("tiny")
+  c.pretrained = tiny_pretrain_workdir
+  c.data.data_dir = builtin_data_dir
+  return c
+
+
+def test_restores_exactly_the_pretrained_query_backbone(tiny_pretrain_workdir):
+  """Probe features equal the pretraining model's own features."""
+  backbone = pretrained.load(tiny_pretrain_workdir)
+  config = pretrained.load_config(tiny_pretrain_workdir)
+  model = config_lib.build_model(config)
+  tx, _ = config_lib.build_optimizer(config)
+  target, _ = step_lib.create_train_state(config, model, tx,
+                                          sharding.make_mesh(),
+                                          jax.random.key(1))
+  ckpt = checkpoint_lib.Checkpointer(tiny_pretrain_workdir)
+  state = ckpt.restore(target)
+  ckpt.close()
+  assert backbone.step == int(state.step) == 6
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3),
+                                             np.uint8)
+  x = augment.normalize(jnp.asarray(images, jnp.float32) / 255, config.aug)
+  want = model.apply({"params": state.params,
+                      "batch_stats": state.batch_stats}, x,
+                     method=model.features)
+  got = features.stage_maps(backbone, backbone.variables, images)
+  # The variables are the checkpoint's, bit for bit ...
+  jax.tree.map(np.testing.assert_array_equal, backbone.variables,
+               {"params": state.params["backbone"],
+                "batch_stats": state.batch_stats["backbone"]})
+  # ... and so are the features, up to jit-versus-eager rounding.
+  for s in ("res2", "res3", "res4", "res5"):
+    np.testing.assert_allclose(np.asarray(got[s]), np.asarray(want[s]),
+                               rtol=1e-5, atol=1e-5)
+  floor = pretrained.random_init(config)
+  assert not np.allclose(floor.variables["params"]["conv1"]["kernel"],
+                         backbone.variables["params"]["conv1"]["kernel"])
+
+
+def test_topk_counts_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(50, 12)).astype(np.float32)
+  labels = rng.integers(0, 12, 50)
+  for k in (1, 5):
+    want = [labels[i] in np.argsort(-logits[i])[:k] for i in range(50)]
+    got = linear._topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want, float))
+
+
+def test_protocol_schedule_steps_down_at_the_decay_epochs():
+  c = linear_probe.get_config()
+  _, schedule = linear.build_optimizer(c, steps_per_epoch=10)
+  lrs = [float(schedule(s)) for s in (0, 599, 600, 799, 800, 999)]
+  np.testing.assert_allclose(lrs, [30, 30, 3, 3, 0.3, 0.3], rtol=1e-6)
+
+
+def test_probe_runs_end_to_end_and_resumes_exactly(config, tmp_path):
+  workdir = str(tmp_path / "probe")
+  results = linear.run(config, workdir)  # 8 steps, checkpoints at 4 and 8.
+  saved = json.load(open(os.path.join(workdir, linear.RESULTS_FILE)))
+  assert saved == json.loads(json.dumps(results))
+  assert saved["steps"] == 8 and saved["pretrained_step"] == 6
+  assert set(saved["stages"]) == {"res2", "res3", "res4", "res5"}
+  for r in saved["stages"].values():
+    assert 0 <= r["top1"] <= r["top5"] <= 1
+
+  def heads(directory):
+    ckpt = checkpoint_lib.Checkpointer(directory)
+    step = ckpt.latest_step()
+    restored = ckpt._manager.restore(step)["state"]  # pylint: disable=protected-access
+    ckpt.close()
+    return step, restored["params"]
+
+  step, final = heads(workdir)
+  assert step == 8
+  # Lose the last checkpoint: the rerun resumes at step 4, data included,
+  # and must arrive at the same heads.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+  again = linear.run(config, workdir)
+  step, resumed = heads(workdir)
+  assert step == 8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-7),
+               final, resumed)
+  assert again["stages"] == results["stages"]
+
+
+def test_random_init_floor_and_bad_inputs(config, tmp_path):
+  config.random_init = True
+  config.num_train_examples = 32  # One step: the floor's plumbing only.
+  results = linear.run(config, str(tmp_path / "floor"))
+  assert results["random_init"] and results["backbone"] == "random init 0"
+  config.batch_size = 12
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    linear.run(config, str(tmp_path / "bad"))
+  config.batch_size = 32
+  config.pretrained = None
+  with pytest.raises(ValueError, match="config.pretrained"):
+    linear.run(config, str(tmp_path / "bad"))
+  config.pretrained = str(tmp_path / "nothing")
+  config.random_init = False
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    linear.run(config, str(tmp_path / "bad"))
