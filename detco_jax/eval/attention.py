@@ -1,0 +1,464 @@
+r"""Activation ("attention") maps of pretrained backbones (DetCo, Fig. 4).
+
+For a few test images, draws where each stage of one or more backbones is
+active, DetCo and MoCo v2 side by side:
+
+  python -m detco_jax.eval.attention \
+      --run=detco:$DETCO_WORKDIR --run=mocov2:$MOCO_WORKDIR \
+      --run=random:random --out=$OUT [--num_images=8] [--split=test] \
+      [--data_dir=...] [--step=...] [--p=1]
+
+`--run=LABEL:WORKDIR[@STEP]` names a pretraining run (its latest checkpoint,
+`--step`, or STEP); `--run=LABEL:random` is the untrained floor, with the
+architecture of the first workdir run. The images are the first
+`--num_images` of the first workdir run's dataset (`config.data`, split
+`--split`, default its `eval_split`), resized and centre-cropped like the
+linear probe's test views; every run sees the same images.
+
+A stage's map (Zagoruyko & Komodakis, "Paying more attention to attention",
+activation-based attention): the channel mean of |a|^p of the stage's output
+a [h, w, C] (post-ReLU, so |a| = a), bilinearly upsampled to the image size
+and min-max normalised to [0, 1] per image and stage. p = 1 by default;
+p = 2 (mean of squares) stresses the strongest positions more.
+
+Written to `--out` (process 0 only; every process may run the command):
+
+  * `attention.png`: rows = images; columns = the image, then res2..res5 of
+    each run, as heat maps over the (dimmed) image; a header row names the
+    columns and shows the colour scale (0 = blue, 1 = red);
+  * `attention_<label>.png`: the same for each run alone;
+  * TensorBoard images `attention/all` and `attention/<label>`;
+  * `attention_maps.npz`: "images" uint8 [N, S, S, 3], "image_labels" [N],
+    "runs" (the labels), and per run and stage "<label>/<stage>" float32
+    [N, S, S] (the normalised maps) and "<label>/<stage>/raw" [N, h, w] (the
+    channel means before upsampling and normalisation).
+"""
+
+import copy
+import dataclasses
+import io
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+
+from detco_jax import distributed
+from detco_jax import pretrained
+from detco_jax.data import pipeline
+from detco_jax.eval import features
+
+Array = jax.Array
+
+STAGES = ("res2", "res3", "res4", "res5")
+# A run whose workdir is one of these is a random initialisation.
+RANDOM_WORKDIRS = ("random", "random_init")
+GAP_PX = 2        # White lines between tiles.
+HEADER_PX = 28    # The header row: two lines of the default font.
+MIN_TILE_PX = 96  # Small images are enlarged (integer factor) to this.
+_LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+# ----------------------------------------------------------------------------
+# The maps.
+
+
+def channel_energy(maps: Array, p: float = 1.0) -> Array:
+  """Mean over channels of |a|^p: [B, h, w, C] -> [B, h, w]."""
+  a = jnp.abs(maps.astype(jnp.float32))
+  return jnp.mean(a if p == 1 else a**p, axis=-1)
+
+
+def normalize_minmax(maps: Array, eps: float = 1e-12) -> Array:
+  """Each [..., H, W] map scaled to [0, 1]; a constant map becomes 0."""
+  low = maps.min(axis=(-2, -1), keepdims=True)
+  high = maps.max(axis=(-2, -1), keepdims=True)
+  return (maps - low) / jnp.maximum(high - low, eps)
+
+
+def attention_map(maps: Array, size: tuple[int, int],
+                  p: float = 1.0) -> Array:
+  """A stage's activation-based attention map.
+
+  Args:
+    maps: stage activations [B, h, w, C].
+    size: the image size (H, W) to upsample to.
+    p: the exponent of |a|.
+
+  Returns:
+    float32 [B, H, W] in [0, 1]: channel mean of |a|^p, bilinearly resized
+    (half-pixel centres, edges clamped) and min-max normalised per image.
+  """
+  energy = channel_energy(maps, p)
+  resized = jax.image.resize(energy, (energy.shape[0], *size), "bilinear")
+  return normalize_minmax(resized)
+
+
+def compute_maps(backbone: pretrained.Backbone, images: np.ndarray,
+                 p: float = 1.0) -> dict[str, dict[str, np.ndarray]]:
+  """The attention maps of every stage of one backbone (this process only).
+
+  Args:
+    backbone: the backbone (evaluation-mode BN, its pretraining
+      normalisation).
+    images: uint8 [N, S, S, 3].
+    p: the exponent of |a|.
+
+  Returns:
+    {"maps": {stage: float32 [N, S, S]}, "raw": {stage: float32 [N, h, w]}}.
+  """
+  size = images.shape[1:3]
+
+  def fn(variables, images):
+    stage = features.stage_maps(backbone, variables, images, STAGES)
+    return {"maps": {s: attention_map(m, size, p) for s, m in stage.items()},
+            "raw": {s: channel_energy(m, p) for s, m in stage.items()}}
+
+  # Host copies: the variables may be global (multi-process) arrays, and
+  # this small job runs on one process's default device.
+  variables = jax.device_get(backbone.variables)
+  return jax.device_get(jax.jit(fn)(variables, images))
+
+
+# ----------------------------------------------------------------------------
+# Runs and images.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One `--run`: a label and a workdir (None: random initialisation)."""
+  label: str
+  workdir: str | None
+  step: int | None = None
+
+
+def parse_run(spec: str) -> RunSpec:
+  """Parses `LABEL:WORKDIR[@STEP]` or `LABEL:random`.
+
+  Args:
+    spec: the flag value. The label ends at the first ":" (so gs:// workdirs
+      work); `@STEP` picks a checkpoint of that run.
+
+  Returns:
+    The run.
+
+  Raises:
+    ValueError: on a malformed spec or a label unfit for a file name.
+  """
+  label, sep, workdir = spec.partition(":")
+  if not sep or not workdir:
+    raise ValueError(f"--run={spec!r}: expected LABEL:WORKDIR[@STEP] or "
+                     "LABEL:random.")
+  if not _LABEL.match(label):
+    raise ValueError(f"--run={spec!r}: the label {label!r} must be letters, "
+                     "digits or _.+- (it names files and TensorBoard tags).")
+  if workdir in RANDOM_WORKDIRS:
+    return RunSpec(label, None)
+  match = re.fullmatch(r"(.+)@(\d+)", workdir)
+  if match:
+    return RunSpec(label, match.group(1), int(match.group(2)))
+  return RunSpec(label, workdir)
+
+
+def load_backbones(runs: Sequence[RunSpec], step: int | None = None,
+                   seed: int = 0) -> list[pretrained.Backbone]:
+  """Loads each run's backbone, in order (every process must call this).
+
+  Args:
+    runs: the runs; labels must be distinct and at least one must have a
+      workdir.
+    step: the checkpoint of runs without their own `@STEP`; None: latest.
+    seed: the initialisation seed of random runs.
+
+  Returns:
+    One backbone per run. Random runs take the first workdir run's config.
+
+  Raises:
+    ValueError: duplicate labels, or only random runs.
+  """
+  labels = [r.label for r in runs]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"--run labels must be distinct, got {labels}.")
+  loaded = {r.label: pretrained.load(r.workdir, r.step if r.step is not None
+                                     else step)
+            for r in runs if r.workdir is not None}
+  if not loaded:
+    raise ValueError("A random run needs a workdir run to copy its "
+                     "architecture from: add --run=LABEL:WORKDIR.")
+  config = next(iter(loaded.values())).config
+  return [loaded[r.label] if r.workdir is not None
+          else pretrained.random_init(config, seed) for r in runs]
+
+
+def load_images(config: ml_collections.ConfigDict, split: str | None,
+                num_images: int,
+                data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The first `num_images` test views of a pretraining run's dataset.
+
+  Read as if by a single process, so the images do not depend on how many
+  processes run the job.
+
+  Args:
+    config: the pretraining config (`data`, `views` / `eval_views`).
+    split: the split; None: `config.data.eval_split`.
+    num_images: how many (fewer if the split is smaller).
+    data_dir: overrides `config.data.data_dir`.
+
+  Returns:
+    (uint8 [n, S, S, 3] images, int [n] labels).
+  """
+  config = copy.deepcopy(config)
+  if data_dir:
+    config.data.data_dir = data_dir
+  split = split or config.data.get("eval_split", "test")
+  batch = next(pipeline.make_eval_iterator(
+      config, split, train=False, batch_size=num_images, process_index=0,
+      process_count=1))
+  real = batch["mask"] > 0  # The split may be shorter than the batch.
+  if not real.all():
+    logging.warning("Split %r holds only %d images.", split, int(real.sum()))
+  return batch["image"][real], batch["label"][real]
+
+
+# ----------------------------------------------------------------------------
+# Pictures.
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+  """The "jet" colour map: values in [0, 1] -> uint8 RGB (blue to red)."""
+  x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)[..., None]
+  centres = np.array([0.75, 0.5, 0.25], np.float32)  # R, G, B peaks.
+  rgb = np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
+  return np.round(rgb * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """A heat map over an image: uint8 [H, W, 3] and [H, W] -> uint8 RGB.
+
+  Args:
+    image: the image.
+    amap: the map, values in [0, 1].
+    alpha: the heat map's opacity (1: the heat map alone).
+
+  Returns:
+    The blend.
+  """
+  blend = ((1 - alpha) * image.astype(np.float32)
+           + alpha * colormap(amap).astype(np.float32))
+  return np.round(blend).astype(np.uint8)
+
+
+def tile_size(image_size: int) -> int:
+  """Tile side: the image side times the least integer reaching MIN_TILE_PX."""
+  return image_size * max(1, -(-MIN_TILE_PX // image_size))
+
+
+def _resized(tile: np.ndarray, side: int) -> np.ndarray:
+  if tile.shape[0] == side and tile.shape[1] == side:
+    return tile
+  return np.asarray(Image.fromarray(tile).resize((side, side),
+                                                 Image.Resampling.BILINEAR))
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+  """`text`, cut short with ".." if it is wider than `width` px."""
+  if draw.textlength(text, font=font) <= width:
+    return text
+  while text and draw.textlength(text + "..", font=font) > width:
+    text = text[:-1]
+  return text + ".."
+
+
+def _header(columns: Sequence[tuple[str, str]], side: int) -> Image.Image:
+  """The header row: two text lines per column; the scale over column 0."""
+  width = len(columns) * (side + GAP_PX) - GAP_PX
+  header = Image.new("RGB", (width, HEADER_PX), "white")
+  draw = ImageDraw.Draw(header)
+  font = ImageFont.load_default()
+  for i, (top, bottom) in enumerate(columns):
+    x = i * (side + GAP_PX)
+    draw.text((x + 2, 1), _fit(draw, top, side - 4, font), fill="black",
+              font=font)
+    draw.text((x + 2, 14), _fit(draw, bottom, side - 4, font), fill="black",
+              font=font)
+  # The colour scale, under the image column's title: "0 [bar] 1".
+  bar = colormap(np.linspace(0, 1, max(side - 24, 2))[None].repeat(8, 0))
+  header.paste(Image.fromarray(bar), (12, 16))
+  draw.text((2, 14), "0", fill="black", font=font)
+  draw.text((side - 10, 14), "1", fill="black", font=font)
+  return header
+
+
+def grid(images: np.ndarray, runs: dict[str, dict[str, np.ndarray]],
+         alpha: float = 0.5, side: int | None = None) -> np.ndarray:
+  """The picture: rows = images; columns = the image, then each run's maps.
+
+  Args:
+    images: uint8 [N, S, S, 3].
+    runs: {label: {stage: [N, S, S] maps in [0, 1]}}, in column order.
+    alpha: the heat maps' opacity over the image.
+    side: tile side in px; default `tile_size(S)`.
+
+  Returns:
+    uint8 [HEADER_PX + N * (side + GAP_PX) - GAP_PX,
+           cols * (side + GAP_PX) - GAP_PX, 3], cols = 1 + runs * stages.
+  """
+  side = side or tile_size(images.shape[1])
+  columns = [("image", "")] + [(label, stage) for label, maps in runs.items()
+                               for stage in maps]
+  rows = []
+  for i, image in enumerate(images):
+    tiles = [image] + [overlay(image, maps[stage][i], alpha)
+                       for maps in runs.values() for stage in maps]
+    rows.append(_stack([_resized(t, side) for t in tiles], axis=1))
+  body = _stack(rows, axis=0)
+  return np.concatenate(
+      [np.asarray(_header(columns, side)),
+       np.full((GAP_PX, body.shape[1], 3), 255, np.uint8), body], axis=0)
+
+
+def _stack(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
+  """Concatenates with GAP_PX white lines between the parts."""
+  shape = list(parts[0].shape)
+  shape[axis] = GAP_PX
+  gap = np.full(shape, 255, np.uint8)
+  out = [parts[0]]
+  for part in parts[1:]:
+    out += [gap, part]
+  return np.concatenate(out, axis=axis)
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+
+
+def write_outputs(out: str, images: np.ndarray, image_labels: np.ndarray,
+                  results: dict[str, dict[str, dict[str, np.ndarray]]],
+                  step: int, alpha: float = 0.5) -> None:
+  """Writes the PNGs, the npz and the TensorBoard images (see module doc).
+
+  Args:
+    out: the output directory (local or gs://).
+    images: uint8 [N, S, S, 3].
+    image_labels: [N] class labels.
+    results: {run label: `compute_maps` output}, in column order.
+    step: the TensorBoard step.
+    alpha: the heat maps' opacity.
+  """
+  out_dir = epath.Path(out)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  pictures = {"all": grid(images, {k: r["maps"] for k, r in results.items()},
+                          alpha)}
+  for label, result in results.items():
+    pictures[label] = grid(images, {label: result["maps"]}, alpha)
+  for name, picture in pictures.items():
+    filename = "attention.png" if name == "all" else f"attention_{name}.png"
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    (out_dir / filename).write_bytes(buffer.getvalue())
+  arrays = {"images": images, "image_labels": image_labels,
+            "runs": np.asarray(list(results))}
+  for label, result in results.items():
+    for stage in result["maps"]:
+      arrays[f"{label}/{stage}"] = result["maps"][stage]
+      arrays[f"{label}/{stage}/raw"] = result["raw"][stage]
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  (out_dir / "attention_maps.npz").write_bytes(buffer.getvalue())
+  writer = metric_writers.create_default_writer(out)
+  writer.write_images(step, {f"attention/{name}": picture[None]
+                             for name, picture in pictures.items()})
+  writer.flush()
+  writer.close()
+
+
+def run(specs: Sequence[str], out: str, *, num_images: int = 8,
+        split: str | None = None, data_dir: str | None = None,
+        step: int | None = None, p: float = 1.0, seed: int = 0,
+        alpha: float = 0.5) -> dict[str, Any] | None:
+  """The job: load, compute on process 0, write (see module doc).
+
+  Args:
+    specs: the `--run` values.
+    out: the output directory.
+    num_images: how many images (rows).
+    split: the split; None: the first run's `config.data.eval_split`.
+    data_dir: overrides the dataset's data dir.
+    step: the checkpoint of runs without `@STEP`; None: latest.
+    p: the exponent of |a|.
+    seed: the random runs' initialisation seed.
+    alpha: the heat maps' opacity.
+
+  Returns:
+    On process 0 {"images", "image_labels", "results"} as written; None on
+    other processes.
+  """
+  runs = [parse_run(s) for s in specs]
+  if not runs:
+    raise ValueError("Give at least one --run=LABEL:WORKDIR.")
+  backbones = load_backbones(runs, step, seed)
+  if jax.process_index() != 0:
+    return None
+  # Random runs carry the first workdir run's config: the same dataset.
+  config = backbones[0].config
+  images, image_labels = load_images(config, split, num_images, data_dir)
+  results = {}
+  for spec, backbone in zip(runs, backbones):
+    logging.info("Attention maps of %r (%s).", spec.label, backbone.source)
+    results[spec.label] = compute_maps(backbone, images, p)
+  write_outputs(out, images, image_labels, results, backbones[0].step, alpha)
+  logging.info("Wrote %d images x %d runs to %s.", len(images), len(runs),
+               out)
+  return {"images": images, "image_labels": image_labels, "results": results}
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags() -> None:
+  """Defines the CLI flags.
+
+  Only when run as a program: importing this module next to other jobs'
+  modules (tests, notebooks) must not clash on flag names such as --step.
+  """
+  flags.DEFINE_multi_string(
+      "run", None, "LABEL:WORKDIR[@STEP] of a pretraining run, or "
+      "LABEL:random for the untrained floor; repeat for several.",
+      required=True)
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("num_images", 8, "Images (rows).")
+  flags.DEFINE_string("split", None,
+                      "Split; default the first run's data.eval_split.")
+  flags.DEFINE_string("data_dir", None, "Overrides the runs' data.data_dir.")
+  flags.DEFINE_integer("step", None,
+                       "Checkpoint of runs without @STEP; default latest.")
+  flags.DEFINE_float("p", 1.0, "Maps are the channel mean of |a|^p.")
+  flags.DEFINE_integer("seed", 0, "Initialisation seed of random runs.")
+  flags.DEFINE_float("alpha", 0.5, "Opacity of the heat maps.")
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs the job with the command-line flags."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize()
+  f = flags.FLAGS
+  run(f.run, f.out, num_images=f.num_images, split=f.split,
+      data_dir=f.data_dir, step=f.step, p=f.p, seed=f.seed, alpha=f.alpha)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
