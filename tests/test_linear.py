@@ -16,6 +16,7 @@ from detco_jax import pretrained
 from detco_jax import sharding
 from detco_jax import step as step_lib
 from detco_jax.data import augment
+from detco_jax.data import pipeline
 from detco_jax.eval import features
 from detco_jax.eval import linear
 
@@ -125,3 +126,28 @@ def test_random_init_floor_and_bad_inputs(config, tmp_path):
   config.random_init = False
   with pytest.raises(FileNotFoundError, match="config.json"):
     linear.run(config, str(tmp_path / "bad"))
+
+
+def test_standardisation_statistics_match_numpy(config):
+  """Fixed feature statistics: pooled-feature mean and std over batches."""
+  config.stats_batches = 2
+  mesh = sharding.make_mesh()
+  backbone = pretrained.for_probe(config, mesh)
+  stats = linear.measure_stats(config, backbone, mesh)
+  batches = pipeline.make_eval_iterator(config, "train", train=False,
+                                        batch_size=config.batch_size)
+  images = np.concatenate([next(batches)["image"] for _ in range(2)])
+  x = augment.normalize(jnp.asarray(images, jnp.float32) / 255,
+                        backbone.config.aug)
+  maps = backbone.module.apply(backbone.variables, x, train=False)
+  for s in config.stages:
+    pooled = np.asarray(maps[s], np.float64).mean(axis=(1, 2))
+    np.testing.assert_allclose(stats[s]["mean"], pooled.mean(0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(stats[s]["inv_std"],
+                               1 / np.sqrt(pooled.var(0) + 1e-5), rtol=1e-3)
+  identity = linear.identity_stats(backbone.channels, config.stages)
+  logits = linear.head_logits(
+      {"res5": {"kernel": jnp.eye(64), "bias": jnp.zeros(64)}},
+      {"res5": jnp.ones((2, 64))}, identity)
+  np.testing.assert_array_equal(np.asarray(logits["res5"]), np.ones((2, 64)))

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from detco_jax.data import augment
 from detco_jax.pretrained import Backbone
@@ -57,3 +58,33 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   """Rows of `x` scaled to unit L2 norm (zero rows stay zero)."""
   norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
   return x / jnp.maximum(norm, eps)
+
+
+def batch_moments(x: Array) -> tuple[Array, Array]:
+  """Per-channel mean and variance over every axis but the last."""
+  axes = tuple(range(x.ndim - 1))
+  return x.mean(axes), x.var(axes)
+
+
+def combine_moments(per_batch: Sequence[tuple[Any, Any]],
+                    eps: float = 1e-5) -> dict[str, Any]:
+  """Channel statistics of equal-sized batches, for standardisation.
+
+  Args:
+    per_batch: (mean [C], variance [C]) of each batch, host arrays.
+    eps: added to the variance.
+
+  Returns:
+    {"mean": [C], "inv_std": [C]} float32 over all batches together.
+  """
+  means = np.stack([np.asarray(m) for m, _ in per_batch])
+  variances = np.stack([np.asarray(v) for _, v in per_batch])
+  # Law of total variance over equal-sized batches.
+  var = variances.mean(0) + means.var(0)
+  return {"mean": means.mean(0).astype(np.float32),
+          "inv_std": (1 / np.sqrt(var + eps)).astype(np.float32)}
+
+
+def standardize(x: Array, stats: dict[str, Array]) -> Array:
+  """(x - mean) * inv_std per channel: a fixed affine map, still linear."""
+  return (x - stats["mean"]) * stats["inv_std"]

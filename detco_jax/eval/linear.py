@@ -45,10 +45,13 @@ Heads = dict[str, dict[str, jax.Array]]
 
 @flax.struct.dataclass
 class ProbeState:
-  """The trainable part of a probe: the heads and their optimiser state."""
+  """A probe's state: the heads, their optimiser state and the fixed
+  per-stage feature statistics (mean 0 and inv_std 1 when not
+  standardising)."""
   step: jax.Array
   params: Heads
   opt_state: Any
+  stats: dict[str, dict[str, jax.Array]]
 
 
 def init_heads(channels: dict[str, int], stages: Sequence[str],
@@ -71,10 +74,56 @@ def init_heads(channels: dict[str, int], stages: Sequence[str],
           for s, k in zip(stages, keys)}
 
 
-def head_logits(params: Heads, pooled: dict[str, jax.Array]
+def head_logits(params: Heads, pooled: dict[str, jax.Array],
+                stats: dict[str, dict[str, jax.Array]]
                 ) -> dict[str, jax.Array]:
-  """Each stage's logits from its pooled features."""
-  return {s: pooled[s] @ p["kernel"] + p["bias"] for s, p in params.items()}
+  """Each stage's logits from its (standardised) pooled features."""
+  return {s: features.standardize(pooled[s], stats[s]) @ p["kernel"]
+          + p["bias"] for s, p in params.items()}
+
+
+def identity_stats(channels: dict[str, int], stages: Sequence[str]
+                   ) -> dict[str, dict[str, np.ndarray]]:
+  """Statistics that leave features as they are (`feature_norm="none"`)."""
+  return {s: {"mean": np.zeros(channels[s], np.float32),
+              "inv_std": np.ones(channels[s], np.float32)} for s in stages}
+
+
+def measure_stats(config: ml_collections.ConfigDict,
+                  backbone: pretrained.Backbone, mesh: Mesh
+                  ) -> dict[str, dict[str, np.ndarray]]:
+  """Per-stage channel statistics of pooled features, if standardising.
+
+  MoCo's lr 30 suits ResNet-50 features, whose pooled values are small;
+  other backbones (narrow ones, random ones) have pooled features large
+  enough to make it diverge. `feature_norm="standardize"` fixes the scale
+  with statistics of `stats_batches` test-transform batches of the train
+  split, measured once (a fixed affine map, so the probe stays linear).
+
+  Args:
+    config: the probe config.
+    backbone: the frozen backbone.
+    mesh: the device mesh.
+
+  Returns:
+    `{stage: {"mean": [C], "inv_std": [C]}}`.
+  """
+
+  def moments(variables, images):
+    maps = features.stage_maps(backbone, variables, images, config.stages)
+    return {s: features.batch_moments(m)
+            for s, m in features.pooled(maps).items()}
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  moments = jax.jit(moments, in_shardings=(rep, data), out_shardings=rep)
+  batches = pipeline.make_eval_iterator(config, config.data.train_split,
+                                        train=False,
+                                        batch_size=config.batch_size)
+  per_batch = []
+  for _, batch in zip(range(max(1, config.stats_batches)), batches):
+    per_batch.append(jax.device_get(moments(
+        backbone.variables, sharding.host_to_global(batch["image"], mesh))))
+  return {s: features.combine_moments([b[s] for b in per_batch])
+          for s in config.stages}
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -129,7 +178,7 @@ def make_train_step(backbone: pretrained.Backbone,
                                                  batch["image"], stages))
 
     def loss_fn(params):
-      logits = head_logits(params, pooled)
+      logits = head_logits(params, pooled, state.stats)
       per_stage = {s: optax.softmax_cross_entropy_with_integer_labels(
           l, batch["label"]).mean() for s, l in logits.items()}
       return sum(per_stage.values()), (per_stage, logits)
@@ -159,14 +208,14 @@ def make_eval_step(backbone: pretrained.Backbone, mesh: Mesh):
     mesh: the device mesh.
 
   Returns:
-    `step(heads, backbone_variables, batch) -> {"count", stage/top1,
+    `step(state, backbone_variables, batch) -> {"count", stage/top1,
     stage/top5}`, sums over the global batch (padding excluded).
   """
-  def step(params, variables, batch):
-    stages = tuple(params)
+  def step(state, variables, batch):
+    stages = tuple(state.params)
     pooled = features.pooled(features.stage_maps(backbone, variables,
                                                  batch["image"], stages))
-    logits = head_logits(params, pooled)
+    logits = head_logits(state.params, pooled, state.stats)
     mask = batch["mask"].astype(jnp.float32)
     sums = {"count": mask.sum()}
     for s in stages:
@@ -179,13 +228,13 @@ def make_eval_step(backbone: pretrained.Backbone, mesh: Mesh):
   return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=rep)
 
 
-def evaluate(eval_step, params: Heads, variables: Any,
+def evaluate(eval_step, state: ProbeState, variables: Any,
              batches: Any, mesh: Mesh) -> dict[str, dict[str, float]]:
   """Top-1 and top-5 accuracy per stage over one pass of test batches.
 
   Args:
     eval_step: from `make_eval_step`.
-    params: the heads.
+    state: the probe (heads and feature statistics).
     variables: the frozen backbone's variables.
     batches: this process's test batches (with "mask").
     mesh: the device mesh.
@@ -196,7 +245,7 @@ def evaluate(eval_step, params: Heads, variables: Any,
   totals = None
   for batch in batches:
     batch = {k: batch[k] for k in ("image", "label", "mask")}
-    sums = eval_step(params, variables, sharding.host_to_global(batch, mesh))
+    sums = eval_step(state, variables, sharding.host_to_global(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals.pop("count")), 1.0)
@@ -207,8 +256,11 @@ def evaluate(eval_step, params: Heads, variables: Any,
   return results
 
 
-def _check_batch(config: ml_collections.ConfigDict) -> None:
-  """A global batch that does not split over devices stops the job at once."""
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  """A bad value stops the job at once, with the fix in the message."""
+  if config.feature_norm not in ("none", "standardize"):
+    raise ValueError(f"Bad config: feature_norm={config.feature_norm!r} must "
+                     "be 'none' (MoCo protocol) or 'standardize'.")
   n = jax.device_count()
   if config.batch_size % n:
     raise ValueError(
@@ -235,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The results written to `linear_results.json`; "stages" holds top-1 and
     top-5 per stage. A run stopped by SIGTERM returns {} before evaluating.
   """
-  _check_batch(config)
+  _check_config(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
   backbone = pretrained.for_probe(config, mesh)
@@ -247,15 +299,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   num_classes = sources.num_classes(config.data)
   tx, schedule = build_optimizer(config, steps_per_epoch)
 
-  def init(rng):
+  def init(rng, stats):
     params = init_heads(backbone.channels, config.stages, num_classes, rng)
-    return ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
-                                jax.eval_shape(init, jax.random.key(0)))
-  state = jax.jit(init, out_shardings=state_sharding)(
-      jax.random.key(config.seed))
+    return ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                      stats)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if ckpt.latest_step() is not None:
+  resuming = ckpt.latest_step() is not None
+  # Restored on resume; measuring them again would cost a data pass.
+  stats = identity_stats(backbone.channels, config.stages)
+  if config.feature_norm == "standardize" and not resuming:
+    stats = measure_stats(config, backbone, mesh)
+  abstract = jax.eval_shape(init, jax.random.key(0), stats)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state = jax.jit(init, out_shardings=state_sharding)(
+      jax.random.key(config.seed), stats)
+  if resuming:
     logging.info("Resuming the probe from step %d.", ckpt.latest_step())
     state = ckpt.restore(state)
   writer = metric_writers.create_default_writer(
@@ -309,7 +367,7 @@ def _train(config, workdir, backbone, state, total, tx, schedule, mesh,
               "(features of this backbone may be large).")
       if config.eval_every and step % config.eval_every == 0 and step < total:
         _write_eval(writer, step, evaluate(
-            eval_step, state.params, backbone.variables,
+            eval_step, state, backbone.variables,
             _test_batches(config), mesh))
       if step % config.checkpoint_every == 0 or step == total or stopping:
         ckpt.save(step, state)
@@ -346,7 +404,7 @@ def _write_eval(writer, step: int, results: dict[str, dict[str, float]]
 def _final_results(config, workdir, backbone, state, mesh, steps_per_epoch,
                    writer) -> dict[str, Any]:
   """Evaluates the trained heads and writes the results file."""
-  stages = evaluate(make_eval_step(backbone, mesh), state.params,
+  stages = evaluate(make_eval_step(backbone, mesh), state,
                     backbone.variables, _test_batches(config), mesh)
   step = int(state.step)
   _write_eval(writer, step, stages)
