@@ -5,6 +5,8 @@ Importing this module defines the flags `--distributed`,
 `main` calls `initialize()` before touching devices.
 """
 
+import glob
+import importlib.util
 import os
 
 import jax
@@ -13,8 +15,8 @@ from absl import logging
 
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "jax.distributed.initialize: 'auto' on TPU pods / SLURM / when a "
-    "coordinator is given, 'on' always, 'off' never.")
+    "jax.distributed.initialize: 'auto' on Cloud TPU VMs, in multi-task "
+    "SLURM jobs and when a coordinator is given; 'on' always; 'off' never.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
@@ -38,12 +40,30 @@ def initialize() -> None:
                              process_id=_PROCESS_ID.value)
 
 
-def cluster_detected() -> bool:
-  """True on a multi-host TPU slice or inside a multi-task SLURM job."""
+def cluster_detected(dev: str = "/dev") -> bool:
+  """True inside a multi-task SLURM job or on a Cloud TPU VM.
+
+  On a TPU VM the slice's hosts are listed in the VM's metadata, not in the
+  environment; `jax.distributed.initialize()` with no arguments reads them
+  (and on a single-host VM starts one process), so finding the TPU is
+  enough. A TPU shows up as /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e and
+  later); libtpu must be installed too, which rules out other vfio
+  devices.
+
+  Args:
+    dev: the device directory (a parameter for tests).
+
+  Returns:
+    Whether to start the multi-controller runtime.
+  """
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return True
+  tpu_devices = (glob.glob(os.path.join(dev, "accel[0-9]*")) +
+                 glob.glob(os.path.join(dev, "vfio", "[0-9]*")))
+  return bool(tpu_devices) and importlib.util.find_spec("libtpu") is not None
 
 
 def log_devices() -> None:
