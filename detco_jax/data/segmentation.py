@@ -1,0 +1,318 @@
+"""Image + segmentation-mask streams for the dense probe (`eval.dense`).
+
+Datasets: any TFDS dataset with an image and a per-pixel class mask, e.g.
+
+  * the built-in `detco_shapes`: feature `mask`, 0 = background and c + 1 =
+    class c, so 11 classes with `mask_offset` 0;
+  * `oxford_iiit_pet`: feature `segmentation_mask`, values 1..3 (pet,
+    background, border), 3 classes with `mask_offset` -1.
+
+`config.data.mask_key` names the mask feature, `mask_offset` is added to its
+values, and any value outside [0, num_classes) afterwards becomes `IGNORE`
+(255), which the probe leaves out of its loss and IoU.
+
+Streams (numpy batches of this process's share b of the global batch):
+
+  * `make_train_iterator`: infinite {"image": uint8 [b, S, S, 3],
+    "mask": uint8 [b, S, S]}, RandomResizedCrop + flip cut identically from
+    image and mask (bilinear for the image, nearest for the mask), shuffled
+    per epoch and resumable exactly like the pipeline's probe stream (it is
+    built on the same slot stream);
+  * `make_test_iterator`: one pass, resize the shorter side + centre crop,
+    padded to whole batches, plus "valid" int32 [b] (1 real, 0 padding;
+    padding has image 0 and mask `IGNORE`).
+
+The records and their sharding come from `sources.open_source`; only the
+decode differs (it also parses the mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import tensorflow as tf
+
+from detco_jax.data import pipeline
+from detco_jax.data import sources
+from detco_jax.data import views as views_lib
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# Mask value of pixels that count for nothing (padding, unlabelled).
+IGNORE = 255
+
+# Stream tags of the dense probe, distinct from the pipeline's (1..4).
+_DENSE_ORDER = 5
+_DENSE_VIEWS = 6
+# Sub-seed tag of the flip (the crop uses `views`' own sub-seeding).
+_FLIP_TAG = 7
+
+# The pipeline's and views' internals, shared on purpose: the same slot
+# stream, seeding, batching and resampling as the classification probe.
+# pylint: disable=protected-access
+_CORRUPT = pipeline._CORRUPT
+_batched = pipeline._batched
+_options = pipeline._options
+_per_process_batch = pipeline._per_process_batch
+_seed_key = pipeline._seed_key
+_slot_stream = pipeline._slot_stream
+_crop_resize_flip = views_lib._crop_resize_flip
+_builder = sources._builder
+# pylint: enable=protected-access
+
+
+def remap_mask(raw: tf.Tensor, offset: int, num_classes: int) -> tf.Tensor:
+  """Raw mask values -> class ids in [0, num_classes), else `IGNORE`.
+
+  Args:
+    raw: integer mask [H, W, 1] as stored.
+    offset: added to every value (e.g. -1 for values starting at 1).
+    num_classes: number of segmentation classes.
+
+  Returns:
+    uint8 [H, W, 1].
+  """
+  ids = tf.cast(raw, tf.int32) + offset
+  valid = (ids >= 0) & (ids < num_classes)
+  return tf.cast(tf.where(valid, ids, IGNORE), tf.uint8)
+
+
+def open_mask_source(config_data: Any, split: str, *,
+                     process_index: Optional[int] = None,
+                     process_count: Optional[int] = None,
+                     drop_remainder: bool = True) -> sources.Source:
+  """This process's shard of a split whose `decode` also returns the mask.
+
+  The mask travels as the record's "label" (uint8 [H, W, 1]), so the
+  pipeline's slot stream (resume, corrupt-record filling) carries it along
+  unchanged.
+
+  Args:
+    config_data: `config.data` (dataset, data_dir, image_key, mask_key,
+      mask_offset, num_classes, ...).
+    split: split name.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+    drop_remainder: equal shards (training) or every example (testing).
+
+  Returns:
+    The source; `decode(record)` gives {"image": uint8 [H, W, 3], "label":
+    uint8 [H, W, 1] class ids or `IGNORE`}.
+
+  Raises:
+    sources.DatasetUnavailableError: a folder dataset, or no such mask
+      feature.
+  """
+  name = config_data.dataset
+  if name.startswith(sources.FOLDER_PREFIX):
+    raise sources.DatasetUnavailableError(
+        f"The dense probe needs segmentation masks; {name!r} is a folder of "
+        "images. Use a TFDS dataset with a mask feature (e.g. "
+        f"'{sources.BUILTIN_NAME}' or 'oxford_iiit_pet').")
+  source = sources.open_source(config_data, split,
+                               process_index=process_index,
+                               process_count=process_count,
+                               drop_remainder=drop_remainder)
+  spec = _builder(config_data).info.features.tf_example_spec
+  image_key, mask_key = config_data.image_key, config_data.mask_key
+  if mask_key not in spec:
+    raise sources.DatasetUnavailableError(
+        f"Dataset {name!r} has no mask feature {mask_key!r} (set "
+        f"config.data.mask_key); features: {sorted(spec)}.")
+  parse_spec = {image_key: spec[image_key], mask_key: spec[mask_key]}
+  offset = int(config_data.mask_offset)
+  num_classes = int(config_data.num_classes)
+
+  def decode(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    example = tf.io.parse_single_example(serialized, parse_spec)
+    image = sources.decode_image(example[image_key])
+    raw = tf.io.decode_image(example[mask_key], channels=1,
+                             expand_animations=False, dtype=tf.uint8)
+    # A mask of another size cannot be aligned: fail the record (the stream
+    # drops and counts it like a corrupt image).
+    same_size = tf.debugging.assert_equal(
+        tf.shape(raw)[:2], tf.shape(image)[:2],
+        message="mask and image sizes differ")
+    with tf.control_dependencies([same_size]):
+      mask = remap_mask(tf.ensure_shape(raw, [None, None, 1]), offset,
+                        num_classes)
+    return {"image": image, "label": mask}
+
+  return dataclasses.replace(source, _decode=decode)
+
+
+def random_view(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
+                size: int, area: Tuple[float, float] = (0.2, 1.0),
+                ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                flip_prob: float = 0.5) -> tuple[tf.Tensor, tf.Tensor]:
+  """One RandomResizedCrop + flip, the same window for image and mask.
+
+  Both resizes use half-pixel centres, so output pixel (i, j) of the mask is
+  the source pixel nearest to where the image's bilinear sample was taken.
+
+  Args:
+    image: uint8 [H, W, 3].
+    mask: uint8 [H, W, 1].
+    seed: [2] int stateless seed.
+    size: output side.
+    area: crop area range, fractions of the image.
+    ratio: crop aspect-ratio range.
+    flip_prob: probability of a horizontal flip.
+
+  Returns:
+    (uint8 [size, size, 3], uint8 [size, size]).
+  """
+  crop = views_lib.sample_crops(seed, tf.shape(image), 1, area, ratio)[0]
+  flip = tf.random.stateless_uniform(
+      [], tf.random.experimental.stateless_fold_in(seed, _FLIP_TAG)) < flip_prob
+  view = _crop_resize_flip(image, crop, flip, size)
+  window = mask[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]]
+  labels = tf.image.resize(window, [size, size], method="nearest")
+  labels = tf.cond(flip, lambda: tf.reverse(labels, axis=[1]), lambda: labels)
+  return view, tf.ensure_shape(labels[..., 0], [size, size])
+
+
+def center_view(image: tf.Tensor, mask: tf.Tensor, resize: int,
+                crop: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Shorter side resized to `resize`, centre crop `crop`^2, image and mask.
+
+  The image goes through `views.center_crop` (antialiased, as the
+  classification probe); the mask takes the nearest pixel on the same grid.
+
+  Args:
+    image: uint8 [H, W, 3].
+    mask: uint8 [H, W, 1].
+    resize: target length of the shorter side.
+    crop: output side.
+
+  Returns:
+    (uint8 [crop, crop, 3], uint8 [crop, crop]).
+  """
+  view = views_lib.center_crop(image, resize, crop)
+  # The same geometry as `views.center_crop`.
+  shape = tf.shape(mask)[:2]
+  short = tf.reduce_min(shape)
+  new_shape = tf.where(shape == short, resize, resize * shape // short)
+  resized = tf.image.resize(mask, new_shape, method="nearest")
+  top = tf.cast(tf.round(tf.cast(new_shape[0] - crop, tf.float32) / 2),
+                tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_shape[1] - crop, tf.float32) / 2),
+                 tf.int32)
+  labels = resized[top:top + crop, left:left + crop, 0]
+  return view, tf.ensure_shape(labels, [crop, crop])
+
+
+def make_train_iterator(config: Any, *, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None,
+                        start_step: int = 0) -> pipeline.InputIterator:
+  """Infinite, resumable dense-probe training batches of this process.
+
+  Args:
+    config: the dense-probe config (data, views, batch_size, seed).
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+    start_step: first step; equal to an uninterrupted stream from there on.
+
+  Returns:
+    An `InputIterator` of {"image": uint8 [b, S, S, 3], "mask": uint8
+    [b, S, S]}, S = `config.views.crop_size`.
+  """
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
+  batch = _per_process_batch(config.batch_size, process_count,
+                             "config.batch_size")
+  source = open_mask_source(config.data, config.data.train_split,
+                            process_index=process_index,
+                            process_count=process_count, drop_remainder=True)
+  source.check_decodable()
+  stream = _slot_stream(source,
+                        order_key=_seed_key(config.seed, _DENSE_ORDER),
+                        start_position=start_step * batch)
+  view_key = _seed_key(config.seed, process_index, _DENSE_VIEWS)
+  v = config.views
+
+  def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    seed = tf.stack([tf.constant(view_key, tf.int64), example["position"]])
+    image, mask = random_view(example["image"], example["label"], seed,
+                              v.crop_size, tuple(v.area), tuple(v.ratio),
+                              float(v.flip_prob))
+    return {"image": image, "mask": mask,
+            _CORRUPT: example[_CORRUPT]}
+
+  ds = stream.map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return pipeline.InputIterator(_batched(ds, batch, config),
+                                batch_size=batch,
+                                num_examples=source.num_examples)
+
+
+def make_test_iterator(config: Any, *, batch_size: int,
+                       process_index: Optional[int] = None,
+                       process_count: Optional[int] = None
+                       ) -> pipeline.InputIterator:
+  """One pass over this process's shard of `config.data.eval_split`, padded.
+
+  Args:
+    config: the dense-probe config (data, views).
+    batch_size: GLOBAL batch size, split evenly over processes.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+
+  Returns:
+    An `InputIterator` of {"image": uint8 [b, S, S, 3], "mask": uint8
+    [b, S, S], "valid": int32 [b]}; every process gets the same
+    `num_batches` (enough for the largest shard), so they stay in step.
+  """
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
+  batch = _per_process_batch(batch_size, process_count)
+  source = open_mask_source(config.data, config.data.eval_split,
+                            process_index=process_index,
+                            process_count=process_count, drop_remainder=False)
+  largest_shard = -(-source.split_size // process_count)
+  num_batches = max(1, -(-largest_shard // batch))
+  crop, resize = int(config.views.crop_size), int(config.views.resize_size)
+  ds = _test_stream(source, crop, resize).take(num_batches * batch)
+  ds = _options(ds.batch(batch, drop_remainder=True).prefetch(
+      int(config.data.get("prefetch", 2))))
+  return pipeline.InputIterator(ds, batch_size=batch,
+                                num_examples=source.num_examples,
+                                num_batches=num_batches)
+
+
+def _test_stream(source: sources.Source, crop: int,
+                 resize: int) -> tf.data.Dataset:
+  """The shard's test examples once (corrupt ones dropped), then padding.
+
+  Returns:
+    An infinite dataset of {"image", "mask", "valid", "corrupt"}; the
+    "corrupt" count of an element is the number of records dropped just
+    before it (the first padding element also counts those at the end).
+  """
+  n = source.num_examples
+
+  def decode(position: tf.Tensor, record: Any) -> dict[str, tf.Tensor]:
+    return dict(source.decode(record), position=position)
+
+  def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image, mask = center_view(example["image"], example["label"], resize, crop)
+    return {"image": image, "mask": mask, "position": example["position"],
+            "valid": tf.constant(1, tf.int32)}
+
+  real = (source.records(None).enumerate()
+          .map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+          .ignore_errors()
+          .map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True))
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([crop, crop, 3], tf.uint8),
+      "mask": tf.fill([crop, crop], tf.constant(IGNORE, tf.uint8)),
+      "position": tf.constant(n, tf.int64),
+      "valid": tf.constant(0, tf.int32)}).repeat()
+
+  def count_gap(previous: tf.Tensor, example: dict[str, tf.Tensor]):
+    position = example.pop("position")
+    example[_CORRUPT] = tf.cast(
+        tf.maximum(position - previous - 1, 0), tf.int32)
+    return tf.maximum(previous, position), example
+
+  return real.concatenate(padding).scan(tf.constant(-1, tf.int64), count_gap)
