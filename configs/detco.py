@@ -16,6 +16,8 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
                 measured figures).
   tiny          a few-step smoke configuration for tests (32 px, ResNet-10
                 of width 8).
+  ablation      the demo at 32 px views for one epoch: the scale of the
+                README's ablation table (benchmarks/ablation.py).
   800ep         the paper's 800-epoch schedule.
   aa            RandAugment on the global views ("DetCo+AA").
   single_level  the paper's ablation "multi-level off": Res5 only.
@@ -216,6 +218,24 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.knn.batch_size = 32
 
 
+def _ablation(c: ml_collections.ConfigDict) -> None:
+  """The demo at 32 px views for one epoch: the README's ablation scale.
+
+  Eight of these (four methods x two seeds) and their probes fit in about
+  an hour of a 2-core CPU (benchmarks/ablation.py).
+  """
+  _demo(c)
+  c.views.global_size = 32
+  c.views.local_size = 36
+  c.views.patch_size = 10
+  c.eval_views.crop_size = 32
+  c.eval_views.resize_size = 37
+  c.num_epochs = 1
+  c.warmup_epochs = 0.1
+  c.knn.every_steps = 0
+  c.write_views_image = False
+
+
 def _800ep(c: ml_collections.ConfigDict) -> None:
   c.num_epochs = 800
 
@@ -240,6 +260,7 @@ def _mocov2(c: ml_collections.ConfigDict) -> None:
 VARIANTS = {
     "demo": _demo,
     "tiny": _tiny,
+    "ablation": _ablation,
     "800ep": _800ep,
     "aa": _aa,
     "single_level": _single_level,

@@ -63,14 +63,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir, data_dir, total_steps):
-  """Runs the job as 2 processes; returns {process: final loss}."""
+def run_job_two_processes(module, args):
+  """Runs `python -m module args` as 2 processes; returns their outputs."""
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "detco_jax.main",
-       "--config=configs/detco.py:tiny", f"--workdir={workdir}",
-       f"--config.data.data_dir={data_dir}",
-       f"--config.total_steps={total_steps}", "--config.checkpoint_every=100",
+      [sys.executable, "-m", module, *args,
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
        f"--process_id={i}"],
       cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -78,6 +75,15 @@ def run_two_processes(workdir, data_dir, total_steps):
   outputs = [p.communicate(timeout=900)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
+  return outputs
+
+
+def run_two_processes(workdir, data_dir, total_steps):
+  """Runs pretraining as 2 processes; returns {process: final loss}."""
+  outputs = run_job_two_processes("detco_jax.main", [
+      "--config=configs/detco.py:tiny", f"--workdir={workdir}",
+      f"--config.data.data_dir={data_dir}",
+      f"--config.total_steps={total_steps}", "--config.checkpoint_every=100"])
   losses = {}
   for out in outputs:
     for index, loss in FINISHED.findall(out):
@@ -108,3 +114,36 @@ def test_two_processes_save_resume_and_match_one_process(builtin_data_dir,
   loss = float(re.search(r"REFERENCE loss=([-\d.e]+)",
                          reference.stdout).group(1))
   assert resumed[0] == pytest.approx(loss, rel=1e-5)
+
+
+
+@pytest.mark.slow
+def test_probes_run_as_two_processes(tiny_pretrain_workdir, builtin_data_dir,
+                                     tmp_path):
+  """The eval jobs start like pretraining and agree across processes.
+
+  kNN reads whole splits, so two processes must give exactly the
+  one-process figure; the linear probe's processes must report the same
+  accuracies, and one results file is written.
+  """
+  common = ["--config=configs/linear_probe.py:tiny",
+            f"--config.pretrained={tiny_pretrain_workdir}",
+            f"--config.data.data_dir={builtin_data_dir}"]
+  knn_re = re.compile(r"kNN top-1 \(res5, k=200\): ([\d.]+) on 64 test")
+  outputs = run_job_two_processes(
+      "detco_jax.eval.knn", common + [f"--workdir={tmp_path / 'knn2'}"])
+  two = [float(knn_re.search(out).group(1)) for out in outputs]
+  one = subprocess.run(
+      [sys.executable, "-m", "detco_jax.eval.knn", *common,
+       f"--workdir={tmp_path / 'knn1'}"],
+      cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-4000:]
+  assert two[0] == two[1] == float(knn_re.search(one.stderr).group(1))
+
+  linear_re = re.compile(r"Process (\d): res5 top-1 ([\d.]+) top-5 ([\d.]+)")
+  outputs = run_job_two_processes(
+      "detco_jax.eval.linear", common + [f"--workdir={tmp_path / 'linear'}"])
+  reports = [linear_re.search(out).groups() for out in outputs]
+  assert {r[0] for r in reports} == {"0", "1"}
+  assert reports[0][1:] == reports[1][1:]
+  assert os.path.exists(tmp_path / "linear" / "linear_results.json")

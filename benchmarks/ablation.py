@@ -1,0 +1,188 @@
+r"""A small-scale reproduction of DetCo's ablation on the built-in dataset.
+
+  python benchmarks/ablation.py [--workdir=workdirs/ablation] [--seeds=0,1]
+      [--scale=ablation]
+
+Pretrains four methods with equal budgets (`--scale` names the variant of
+configs/detco.py that sets the budget: `ablation` is ResNet-18 of width 16,
+32 px views, one epoch of `detco_shapes`; `demo` is the README's demo run),
+each with every seed:
+
+  MoCo v2          Res5 only, global<->global        (`mocov2`)
+  + multi-level    all four stages, global<->global  (`global_only`)
+  + global-local   Res5 only, gg + ll + gl           (`single_level`)
+  DetCo            all four stages, gg + ll + gl     (the default)
+
+then probes every backbone with the linear probe (top-1 per stage) and the
+dense probe (mIoU per stage), and an untrained backbone once as the floor.
+It prints a Markdown table of mean +- half-range over the seeds and writes
+it, with every run's figures and the wall time, to `<workdir>/ablation.md`
+and `ablation.json`. Runs already finished in the workdir are reused, so an
+interrupted script resumes where it stopped.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Runnable from a checkout without installing: make `configs` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs import dense_probe  # pylint: disable=g-import-not-at-top
+from configs import detco  # pylint: disable=g-import-not-at-top
+from configs import linear_probe  # pylint: disable=g-import-not-at-top
+from detco_jax import pretrained as detco_pretrained  # pylint: disable=g-import-not-at-top
+from detco_jax import train  # pylint: disable=g-import-not-at-top
+from detco_jax.eval import dense  # pylint: disable=g-import-not-at-top
+from detco_jax.eval import linear  # pylint: disable=g-import-not-at-top
+
+STAGES = ("res2", "res3", "res4", "res5")
+# (row label, config variant added to "ablation").
+METHODS = (
+    ("MoCo v2", "mocov2"),
+    ("+ multi-level", "global_only"),
+    ("+ global-local", "single_level"),
+    ("DetCo", ""),
+)
+FLOOR = "random init"
+
+
+def pretrain_config(scale: str, variant: str, seed: int):
+  """The equal-budget pretraining config of one method."""
+  config = detco.get_config(",".join(filter(None, (scale, variant))))
+  config.seed = seed
+  return config
+
+
+def _eval_sizes(pretrained: str) -> tuple[int, int]:
+  """The pretraining run's evaluation crop and resize sizes."""
+  views = detco_pretrained.load_config(pretrained).eval_views
+  return views.crop_size, views.resize_size
+
+
+def linear_config(pretrained: str, seed: int, random_init: bool = False):
+  """The demo's linear probe at the pretraining's eval sizes, 3 epochs."""
+  config = linear_probe.get_config("demo")
+  (config.eval_views.crop_size,
+   config.eval_views.resize_size) = _eval_sizes(pretrained)
+  config.num_epochs, config.lr_decay_epochs = 3, (2,)
+  config.pretrained, config.seed, config.random_init = (pretrained, seed,
+                                                        random_init)
+  return config
+
+
+def dense_config(pretrained: str, seed: int, random_init: bool = False):
+  """The demo's dense probe at the pretraining's eval sizes, 1 epoch."""
+  config = dense_probe.get_config("demo")
+  config.views.crop_size, config.views.resize_size = _eval_sizes(pretrained)
+  config.num_epochs = 1
+  config.pretrained, config.seed, config.random_init = (pretrained, seed,
+                                                        random_init)
+  return config
+
+
+def probe(pretrained: str, workdir: str, seed: int,
+          random_init: bool = False) -> dict[str, dict[str, float]]:
+  """Linear top-1 and dense mIoU per stage of one backbone.
+
+  Args:
+    pretrained: the pretraining workdir.
+    workdir: where the two probes' workdirs go.
+    seed: the probes' seed.
+    random_init: probe the untrained architecture instead.
+
+  Returns:
+    {"linear_top1": {stage: value}, "dense_miou": {stage: value}}.
+  """
+  lin = linear.run(linear_config(pretrained, seed, random_init),
+                   os.path.join(workdir, "linear"))
+  den = dense.train_and_evaluate(dense_config(pretrained, seed, random_init),
+                                 os.path.join(workdir, "dense"))
+  return {"linear_top1": {s: lin["stages"][s]["top1"] for s in STAGES},
+          "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES}}
+
+
+def run_all(workdir: str, seeds: list[int], scale: str) -> dict[str, Any]:
+  """Pretrains and probes every method and seed, plus the floor.
+
+  Args:
+    workdir: the ablation's root directory.
+    seeds: the seeds.
+    scale: the configs/detco.py variant that sets the budget.
+
+  Returns:
+    {"runs": {label: [per-seed figures]}, "seconds": {label: [...]}}.
+  """
+  runs, seconds = {}, {}
+  for label, variant in METHODS:
+    for seed in seeds:
+      start = time.time()
+      run_dir = os.path.join(workdir, f"{variant or 'detco'}_seed{seed}")
+      pretrain_dir = os.path.join(run_dir, "pretrain")
+      train.train_and_evaluate(pretrain_config(scale, variant, seed),
+                               pretrain_dir)
+      figures = probe(pretrain_dir, run_dir, seed)
+      runs.setdefault(label, []).append(figures)
+      seconds.setdefault(label, []).append(time.time() - start)
+      print(f"{label} seed {seed}: {json.dumps(figures)}", flush=True)
+  # The floor: the same architecture untrained (probes only).
+  start = time.time()
+  first = os.path.join(workdir, f"{METHODS[-1][1] or 'detco'}_seed{seeds[0]}",
+                       "pretrain")
+  runs[FLOOR] = [probe(first, os.path.join(workdir, "random_init"), seeds[0],
+                       random_init=True)]
+  seconds[FLOOR] = [time.time() - start]
+  return {"runs": runs, "seconds": seconds, "seeds": seeds, "scale": scale}
+
+
+def _cell(values: list[float]) -> str:
+  """Mean +- half the range, in percent."""
+  values = 100 * np.asarray(values)
+  if len(values) == 1:
+    return f"{values[0]:.1f}"
+  return f"{values.mean():.1f} ± {(values.max() - values.min()) / 2:.1f}"
+
+
+def table(results: dict[str, Any]) -> str:
+  """The Markdown table: linear top-1 and dense mIoU per stage, in %."""
+  head = ("| method | " + " | ".join(f"linear {s}" for s in STAGES) + " | "
+          + " | ".join(f"mIoU {s}" for s in STAGES) + " |")
+  lines = [head, "|---" * (1 + 2 * len(STAGES)) + "|"]
+  for label, figures in results["runs"].items():
+    cells = [_cell([f["linear_top1"][s] for f in figures]) for s in STAGES]
+    cells += [_cell([f["dense_miou"][s] for f in figures]) for s in STAGES]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="workdirs/ablation")
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--scale", default="ablation",
+                      help="configs/detco.py variant setting the budget.")
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  start = time.time()
+  results = run_all(args.workdir, seeds, args.scale)
+  results["total_seconds"] = time.time() - start
+  text = table(results)
+  summary = (f"{text}\n\nSeeds {seeds}; mean ± half-range, in %. Total "
+             f"{results['total_seconds'] / 60:.0f} min.\n")
+  print(summary)
+  with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
+    f.write(summary)
+  with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
