@@ -183,7 +183,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.num_epochs = 3
   c.log_every = 20
   c.checkpoint_every = 200
-  c.knn.every_steps = 156      # Once per epoch (and at the end).
+  # `--config.knn.every_steps=156` adds the kNN monitor once per epoch.
   c.knn.train_examples = 5_000
 
 
