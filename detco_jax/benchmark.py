@@ -2,7 +2,8 @@ r"""Speed, FLOPs, MFU and memory of the jitted DetCo train step.
 
   python -m detco_jax.benchmark --config=configs/detco.py[:variant] \
       [--config.key=value ...] [--per_device_batch=B] [--steps=N] \
-      [--warmup=N] [--compile_only] [--nobackbone] [--breakdown]
+      [--warmup=N] [--compile_only [--topology=v3:2x2]] [--nobackbone] \
+      [--breakdown]
 
 What is timed is the real step of `step.make_train_step`, compiled once
 ahead of time, on a synthetic uint8 batch made once on the devices with the
@@ -25,8 +26,9 @@ device:
                             arguments, outputs, aliased (donated state reused
                             as output), temp, total = arguments + outputs +
                             temp - aliased, and XLA's own peak where the
-                            backend reports one (XLA:CPU's leaves out the
-                            temporaries: read total there).
+                            backend reports one (XLA:TPU's counts the
+                            temporaries' overlap; XLA:CPU's leaves them out:
+                            read total there).
 
 With `--backbone` (default) it also times the backbone alone doing DetCo's
 irreducible work (forward + backward on I_q and P_q, forward on I_k and
@@ -49,13 +51,24 @@ The global batch is `per_device_batch` x devices; `queue_size` and
 printed. On CPU with fake devices (`--xla_force_host_platform_device_count`)
 all devices share the host's cores, so per-device speeds are shares of it.
 
-Measured on a 2-core CPU, one device (the compiled FLOPs are exact, the
-times vary with the machine's load):
+`--compile_only --topology=v3:2x2` (a v3-8; `v4:2x2x1 --chip_config=megacore`
+for a v4-8) compiles the step for a TPU that is not there, with the libtpu
+package installed (`pip install libtpu==0.0.42.*` for jax 0.10.2; one such
+process at a time): the memory a TPU needs, read on any host. XLA:CPU's
+memory figures are no stand-in for it: its scheduler undoes
+rematerialisation and it assigns buffers differently.
 
-  configs/detco.py --per_device_batch=8   ResNet-50, 224/64 px: 0.97 img/s,
-      442 GFLOP/step, overhead_ratio 0.98-1.02, flops_ratio 1.029.
+Measured on 2026-11-22 on a 2-core CPU VM, one device, while other jobs
+loaded it (load average 6-10: the times are several times slower than on
+an idle machine, the FLOPs exact, the ratios measured side by side):
+
+  configs/detco.py --per_device_batch=8   ResNet-50, 224/64 px: 0.19 img/s,
+      442 GFLOP/step, MFU 0.23, overhead_ratio 1.06, flops_ratio 1.029.
   configs/detco.py:demo                   ResNet-18/16, 48/16 px, batch 64:
-      50 img/s, 71.6 GFLOP/step, overhead_ratio 1.02-1.04.
+      15 img/s, 71.6 GFLOP/step, MFU 0.25, overhead_ratio 1.01.
+  configs/detco.py:tiny                   ResNet-10/8, 32/10 px, batch 16:
+      177 img/s, 1.0 GFLOP/step, MFU 0.10, overhead_ratio 1.30 (fixed
+      per-step costs weigh at 70 ms a step).
 """
 
 import functools
@@ -102,6 +115,13 @@ _BACKBONE = flags.DEFINE_bool(
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", False, "Also time the step's pieces on their own "
     "(augmentation, encoders + loss, optimiser, EMA + enqueue).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: compile for this TPU topology "
+    "instead of the local devices, e.g. v3:2x2 (a v3-8: 8 cores) or "
+    "v4:2x2x1 (a v4-8); needs the libtpu package, runs on any host.")
+_CHIP_CONFIG = flags.DEFINE_string(
+    "chip_config", None, "With --topology: libtpu's chip configuration, "
+    "e.g. megacore (one device per v4 / v5p chip, as JAX shows them).")
 flags.mark_flags_as_required(["config"])
 
 Batch = dict[str, jax.Array]
@@ -196,6 +216,31 @@ def abstract_state(config: ml_collections.ConfigDict,
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes, shardings)
   return state, shardings
+
+
+def topology_devices(name: str, chip_config: str | None = None
+                     ) -> list[jax.Device]:
+  """Compile-only devices of a TPU topology, e.g. "v3:2x2" (a v3-8).
+
+  libtpu compiles for them on any host, a CPU one included, so the memory
+  a step needs on a TPU can be read without one. XLA:CPU's own figures are
+  no stand-in: its scheduler undoes rematerialisation (a `jax.checkpoint`ed
+  layer stack compiles to more temp memory than the plain one there, and
+  to 45% less for TPU), and it assigns buffers differently.
+
+  Args:
+    name: the topology, as libtpu names it ("v3:2x2", "v4:2x2x1").
+    chip_config: e.g. "megacore"; None: libtpu's default (one device per
+      TensorCore).
+
+  Returns:
+    The devices, which can form a mesh and be compiled for, not run on.
+  """
+  # Imported here: only this path needs it, and it needs libtpu.
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {"chip_config_name": chip_config} if chip_config else {}
+  return list(topologies.get_topology_desc(
+      topology_name=name, platform="tpu", **kwargs).devices)
 
 
 def _abstract(tree: Any) -> Any:
@@ -579,19 +624,20 @@ def time_in_turn(calls: Mapping[str, Callable[[], Any]], steps: int,
 
 def _fit_and_describe(config: ml_collections.ConfigDict,
                       per_device_batch: int | None,
+                      devices: list[jax.Device],
                       log: Callable[[str], None]) -> int:
   """Fits the batch to the devices, validates, logs the set-up.
 
   Returns:
     The per-device batch.
   """
-  devices = jax.device_count()
+  num = len(devices)
   if per_device_batch is None:
-    per_device_batch = max(config.batch_size // devices, 1)
-  changes = fit_config(config, per_device_batch, devices)
-  config_lib.validate(config, devices, jax.process_count())
-  device = jax.devices()[0]
-  log(f"devices: {devices} x {device.platform} ({device.device_kind})")
+    per_device_batch = max(config.batch_size // num, 1)
+  changes = fit_config(config, per_device_batch, num)
+  config_lib.validate(config, num, len({d.process_index for d in devices}))
+  device = devices[0]
+  log(f"devices: {num} x {device.platform} ({device.device_kind})")
   log(f"global batch: {config.batch_size} ({per_device_batch} per device); "
       f"views {config.views.global_size} px, patches "
       f"{config.views.patch_size} px; model ResNet-{config.model.depth} "
@@ -636,6 +682,7 @@ def compile_step(config: ml_collections.ConfigDict,
 def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
         steps: int, warmup: int, compile_only: bool = False,
         backbone: bool = True, breakdown: bool = False,
+        topology: str | None = None, chip_config: str | None = None,
         log: Callable[[str], None] = print) -> Figures:
   """Compiles, runs and measures the DetCo step; prints and returns figures.
 
@@ -648,15 +695,24 @@ def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
     backbone: also time the backbone-only step (overhead ratio).
     breakdown: also time the step's pieces (see `breakdown_calls`); implies
       `backbone`.
+    topology: compile for this TPU topology's devices (`topology_devices`)
+      instead of the local ones; only with `compile_only`.
+    chip_config: the topology's chip configuration (e.g. "megacore").
     log: where the report lines go.
 
   Returns:
     name -> value of every figure printed as `name: value`.
   """
+  if topology and not compile_only:
+    raise ValueError("A TPU topology can only be compiled for: add "
+                     "--compile_only.")
   config = config.copy_and_resolve_references()
   backbone = backbone or breakdown
-  per_device_batch = _fit_and_describe(config, per_device_batch, log)
-  mesh = sharding.make_mesh()
+  devices = (topology_devices(topology, chip_config) if topology
+             else jax.devices())
+  per_device_batch = _fit_and_describe(config, per_device_batch, devices,
+                                       log)
+  mesh = sharding.make_mesh(devices)
   model = config_lib.build_model(config)
   tx, schedule = config_lib.build_optimizer(config)
   compiled, shardings, figures = compile_step(config, model, tx, schedule,
@@ -763,7 +819,8 @@ def main(argv):
   run(_CONFIG.value, per_device_batch=_PER_DEVICE_BATCH.value,
       steps=_STEPS.value, warmup=_WARMUP.value,
       compile_only=_COMPILE_ONLY.value, backbone=_BACKBONE.value,
-      breakdown=_BREAKDOWN.value)
+      breakdown=_BREAKDOWN.value, topology=_TOPOLOGY.value,
+      chip_config=_CHIP_CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from detco_jax import benchmark
 from detco_jax import config_lib
@@ -154,3 +155,21 @@ def test_donation_failures_are_reported():
   jitted = jax.jit(lambda x: x.sum(), donate_argnums=0)  # Nothing to reuse.
   _, _, caught = benchmark.compile_with_warnings(jitted, jnp.ones((8, 8)))
   assert any("donated" in message for message in caught), caught
+
+
+def test_topology_needs_compile_only():
+  # Compile-only TPU devices cannot run anything: refused before any work.
+  with pytest.raises(ValueError, match="compile_only"):
+    benchmark.run(tiny_config(), per_device_batch=2, steps=1, warmup=0,
+                  topology="v3:2x2", log=lambda line: None)
+
+
+def test_memory_for_a_tpu_topology_compiles_on_any_host():
+  pytest.importorskip("libtpu")
+  lines = []
+  figures = benchmark.run(tiny_config(), per_device_batch=2, steps=1,
+                          warmup=0, compile_only=True, topology="v3:2x2",
+                          log=lines.append)
+  assert "devices: 8 x tpu (TPU v3)" in lines
+  assert figures["memory_temp_bytes"] > 0
+  assert figures["flops_per_step"] > 0
