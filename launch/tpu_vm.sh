@@ -28,6 +28,9 @@ Commands:
                      Defaults: --config=configs/detco.py
                                --workdir=gs://$BUCKET/detco_jax/$TPU_NAME
                      Running it again with the same workdir resumes.
+                     JOB=detco_jax.eval.linear (or .knn, .dense) runs that
+                     probe instead, with the same flags; it needs its own
+                     --workdir and --config.pretrained=gs://... .
   logs [WORKER|all]  follow a worker's log (default: worker 0; Ctrl-C to quit)
   stop               send SIGTERM to the training on all workers: the job saves
                      a checkpoint and exits (waits up to $STOP_WAIT s)
@@ -53,6 +56,7 @@ Environment:
                      ~/detco_venv with; default python3.11 (the image's own
                      python3 is 3.10, for which jax stops at 0.6)
   STOP_WAIT          seconds `stop` waits for the checkpoint; default 300
+  JOB                the module `run` starts; default detco_jax.main (run)
   LOG_DIR            directory for the log and pid file on each worker; default
                      /tmp (logs: LOG_DIR/detco_worker_HOSTNAME.log)
 
@@ -232,6 +236,7 @@ cmd_setup() {
 }
 
 cmd_run() {
+  local job=${JOB:-detco_jax.main}
   local config="configs/detco.py" workdir="" distributed="" flags=() arg
   # Take --config and --workdir (as --flag=value or --flag value) out of the
   # flags to apply the defaults; everything else goes through unchanged.
@@ -253,15 +258,17 @@ cmd_run() {
   if [ -z "$workdir" ] || [ -z "${DATA_DIR:-}" ]; then
     require BUCKET "the GCS bucket for the workdir and TFDS data, without gs://"
   fi
+  if [ "$job" != detco_jax.main ] && [ -z "$workdir" ]; then
+    die "JOB=$job needs its own --workdir=gs://... (the default is the pretraining run's)"
+  fi
   workdir=${workdir:-gs://$BUCKET/detco_jax/$TPU_NAME}
   local data_dir=${DATA_DIR:-gs://$BUCKET/tensorflow_datasets}
   case "$workdir" in
     gs://*) ;;
     *) die "the workdir must be on GCS (gs://...), shared by all workers and kept after delete; got '$workdir'" ;;
   esac
-  # On TPU VMs the slice's hosts are described in the VM metadata, not in the
-  # environment, so main.py's --distributed=auto would not see a pod slice.
-  # JAX's own TPU detection finds them, and works on one host too.
+  # Explicit, though --distributed=auto finds the TPU too: JAX's own TPU
+  # detection reads the slice's hosts from the VM metadata, on one host too.
   local main_args=("--config=$config" "--workdir=$workdir")
   if [ -z "$distributed" ]; then
     main_args=(--distributed=on "${main_args[@]}")
@@ -275,7 +282,7 @@ cmd_run() {
   # the session; its pid goes to $PID_FILE for `stop` (`$!` is python itself:
   # nohup execs it).
   local remote
-  remote="cd $REMOTE_DIR || exit 1; if [ -f $PID_FILE ] && kill -0 \"\$(cat $PID_FILE)\" 2>/dev/null; then echo \"\$(hostname): training already running (pid \$(cat $PID_FILE)); run stop first\" >&2; exit 1; fi; export TFDS_DATA_DIR=$(quote "$data_dir"); set -- $(quote_all "$REMOTE_PYTHON" -m detco_jax.main "${main_args[@]}"); echo \"==== \$(date -u +%FT%TZ) TFDS_DATA_DIR=\$TFDS_DATA_DIR \$*\" >> $REMOTE_LOG; nohup \"\$@\" >> $REMOTE_LOG 2>&1 < /dev/null & echo \$! > $PID_FILE; echo \"\$(hostname): started pid \$!, log $REMOTE_LOG\""
+  remote="cd $REMOTE_DIR || exit 1; if [ -f $PID_FILE ] && kill -0 \"\$(cat $PID_FILE)\" 2>/dev/null; then echo \"\$(hostname): training already running (pid \$(cat $PID_FILE)); run stop first\" >&2; exit 1; fi; export TFDS_DATA_DIR=$(quote "$data_dir"); set -- $(quote_all "$REMOTE_PYTHON" -m "$job" "${main_args[@]}"); echo \"==== \$(date -u +%FT%TZ) TFDS_DATA_DIR=\$TFDS_DATA_DIR \$*\" >> $REMOTE_LOG; nohup \"\$@\" >> $REMOTE_LOG 2>&1 < /dev/null & echo \$! > $PID_FILE; echo \"\$(hostname): started pid \$!, log $REMOTE_LOG\""
   tpu_gcloud ssh "$TPU_NAME" --worker=all "--command=$remote"
   if [ "$DRY_RUN" != 1 ]; then
     info "started; follow it with: launch/tpu_vm.sh logs [WORKER]; TensorBoard: tensorboard --logdir $workdir"

@@ -76,7 +76,7 @@ def script_env(stubs, unset=(), **extra):
   env = {k: v for k, v in os.environ.items()
          if k not in ("DRY_RUN", "CONFIG", "WORKDIR", "DATA_DIR", "PROJECT",
                       "SPOT", "REPO_URL", "REPO_REF", "LOG_DIR", "PYTHON",
-                      "GPUS_PER_NODE", "REQUEUE", "CUDA_VISIBLE_DEVICES",
+                      "GPUS_PER_NODE", "REQUEUE", "CUDA_VISIBLE_DEVICES", "JOB",
                       "XLA_PYTHON_CLIENT_MEM_FRACTION")
          and not k.startswith("SLURM_")}
   env.update(TPU_ENV)
@@ -240,6 +240,23 @@ def test_tpu_run_targets_all_workers(stubs):
                "nohup", "/tmp/detco_worker_$(hostname).log"]:
     assert text in remote
   assert not stub_calls(stubs, "gcloud")
+
+
+def test_tpu_run_starts_a_probe_job(stubs):
+  """JOB= runs an eval job on all workers; it must name its own workdir."""
+  env = script_env(stubs, JOB="detco_jax.eval.linear")
+  [words] = commands(run(
+      TPU, "run", "--dry-run", "--config=configs/linear_probe.py",
+      "--config.pretrained=gs://b/pre", "--workdir=gs://b/probe",
+      env=env).stdout)
+  assert "--worker=all" in words
+  remote = remote_command(words)
+  assert ("-m detco_jax.eval.linear --distributed=on "
+          "--config=configs/linear_probe.py --workdir=gs://b/probe "
+          "--config.pretrained=gs://b/pre") in remote
+  result = run(TPU, "run", "--dry-run", "--config=configs/linear_probe.py",
+               env=env, check=False)
+  assert result.returncode != 0 and "needs its own --workdir" in result.stderr
 
 
 def test_tpu_run_defaults(stubs):
