@@ -9,7 +9,6 @@ after it is saved.
 
 import os
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -23,6 +22,7 @@ from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import config_lib
 from detco_jax import preemption
 from detco_jax import pretrained
+from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax import step as step_lib
 from detco_jax import visualize
@@ -60,12 +60,6 @@ def _write_views_image(config, batch, writer, step: int) -> None:
       views["global"][0], views["local"][0] if "local" in views else None,
       config.aug.mean, config.aug.std)
   writer.write_images(step, {"views/I_q,I_k,P_q,P_k": panel[None]})
-
-
-def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-  """Averages a window of per-step device metrics on the host."""
-  fetched = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -156,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 def _log(history, step, steps_per_epoch, window_start, config, data,
          writer) -> dict[str, float]:
   """Writes the window's mean metrics, throughput and data counters."""
-  scalars = _mean_metrics(history)
+  scalars = reporting.window_means(history)
   seconds = time.perf_counter() - window_start
   scalars["images_per_sec"] = len(history) * config.batch_size / seconds
   scalars["epoch"] = step / steps_per_epoch

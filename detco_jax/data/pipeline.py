@@ -342,11 +342,42 @@ def make_eval_iterator(config: Any, split: str, *, train: bool,
                                process_index=process_index,
                                process_count=process_count,
                                drop_remainder=False)
+
+  def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {"image": views_lib.center_crop(example["image"], resize, crop),
+            "label": example["label"], "mask": tf.constant(1, tf.int32)}
+
+  padding = {"image": tf.zeros([crop, crop, 3], tf.uint8),
+             "label": tf.constant(0, tf.int32),
+             "mask": tf.constant(0, tf.int32)}
+  return padded_pass(source, process_count, batch, make_view, padding,
+                     prefetch=int(config.data.get("prefetch", 2)))
+
+
+def padded_pass(source: sources.Source, process_count: int, batch: int,
+                make_view: Any, padding: dict[str, tf.Tensor], *,
+                prefetch: int = 2) -> InputIterator:
+  """One pass over this process's shard, padded to whole batches.
+
+  Every process gets the same number of batches (enough for the largest
+  shard), so processes stay in step through collective test steps.
+
+  Args:
+    source: this process's shard (opened with `drop_remainder=False`).
+    process_count: number of processes.
+    batch: this process's batch size.
+    make_view: decoded example -> the element's features.
+    padding: the features of a padding element (flagged as not real).
+    prefetch: batches prefetched.
+
+  Returns:
+    An `InputIterator` of `num_batches` batches; each element also has the
+    "corrupt" count of records dropped just before it.
+  """
   largest_shard = -(-source.split_size // process_count)
   num_batches = max(1, -(-largest_shard // batch))
-  ds = _test_stream(source, crop, resize).take(num_batches * batch)
-  ds = _options(ds.batch(batch, drop_remainder=True).prefetch(
-      int(config.data.get("prefetch", 2))))
+  ds = _padded_stream(source, make_view, padding).take(num_batches * batch)
+  ds = _options(ds.batch(batch, drop_remainder=True).prefetch(prefetch))
   return InputIterator(ds, batch_size=batch, num_examples=source.num_examples,
                        num_batches=num_batches)
 
@@ -370,35 +401,27 @@ def _probe_train_stream(source: sources.Source, config: Any, crop: int,
   return stream.map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def _test_stream(source: sources.Source, crop: int,
-                 resize: int) -> tf.data.Dataset:
-  """This shard's test examples once, corrupt ones dropped, then padding.
+def _padded_stream(source: sources.Source, make_view: Any,
+                   padding: dict[str, tf.Tensor]) -> tf.data.Dataset:
+  """This shard's examples once, corrupt ones dropped, then padding forever.
 
   Returns:
-    An infinite dataset: the real examples {"image", "label", "mask": 1,
-    "corrupt"} followed by padding (mask 0); the caller takes whole batches.
+    An infinite dataset: `make_view` of each decodable example, then
+    `padding`; the caller takes whole batches.
   """
   n = source.num_examples
 
   def decode(position: tf.Tensor, record: Any) -> dict[str, tf.Tensor]:
-    return dict(source.decode(record), position=position)
-
-  def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    return {"image": views_lib.center_crop(example["image"], resize, crop),
-            "label": example["label"], "position": example["position"],
-            "mask": tf.constant(1, tf.int32)}
+    example = source.decode(record)
+    return dict(make_view(example), position=position)
 
   real = (source.records(None).enumerate()
           .map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-          .ignore_errors()
-          .map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True))
+          .ignore_errors())
   # Padding sits at position n: the first pad also counts the corrupt
   # records at the end of the shard.
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([crop, crop, 3], tf.uint8),
-      "label": tf.constant(0, tf.int32),
-      "position": tf.constant(n, tf.int64),
-      "mask": tf.constant(0, tf.int32)}).repeat()
+  padding = tf.data.Dataset.from_tensors(
+      dict(padding, position=tf.constant(n, tf.int64))).repeat()
 
   def count_gap(previous: tf.Tensor, example: dict[str, tf.Tensor]):
     position = example.pop("position")

@@ -53,7 +53,6 @@ _FLIP_TAG = 7
 # pylint: disable=protected-access
 _CORRUPT = pipeline._CORRUPT
 _batched = pipeline._batched
-_options = pipeline._options
 _per_process_batch = pipeline._per_process_batch
 _seed_key = pipeline._seed_key
 _slot_stream = pipeline._slot_stream
@@ -269,50 +268,15 @@ def make_test_iterator(config: Any, *, batch_size: int,
   source = open_mask_source(config.data, config.data.eval_split,
                             process_index=process_index,
                             process_count=process_count, drop_remainder=False)
-  largest_shard = -(-source.split_size // process_count)
-  num_batches = max(1, -(-largest_shard // batch))
   crop, resize = int(config.views.crop_size), int(config.views.resize_size)
-  ds = _test_stream(source, crop, resize).take(num_batches * batch)
-  ds = _options(ds.batch(batch, drop_remainder=True).prefetch(
-      int(config.data.get("prefetch", 2))))
-  return pipeline.InputIterator(ds, batch_size=batch,
-                                num_examples=source.num_examples,
-                                num_batches=num_batches)
-
-
-def _test_stream(source: sources.Source, crop: int,
-                 resize: int) -> tf.data.Dataset:
-  """The shard's test examples once (corrupt ones dropped), then padding.
-
-  Returns:
-    An infinite dataset of {"image", "mask", "valid", "corrupt"}; the
-    "corrupt" count of an element is the number of records dropped just
-    before it (the first padding element also counts those at the end).
-  """
-  n = source.num_examples
-
-  def decode(position: tf.Tensor, record: Any) -> dict[str, tf.Tensor]:
-    return dict(source.decode(record), position=position)
 
   def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image, mask = center_view(example["image"], example["label"], resize, crop)
-    return {"image": image, "mask": mask, "position": example["position"],
-            "valid": tf.constant(1, tf.int32)}
+    return {"image": image, "mask": mask, "valid": tf.constant(1, tf.int32)}
 
-  real = (source.records(None).enumerate()
-          .map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-          .ignore_errors()
-          .map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True))
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([crop, crop, 3], tf.uint8),
-      "mask": tf.fill([crop, crop], tf.constant(IGNORE, tf.uint8)),
-      "position": tf.constant(n, tf.int64),
-      "valid": tf.constant(0, tf.int32)}).repeat()
-
-  def count_gap(previous: tf.Tensor, example: dict[str, tf.Tensor]):
-    position = example.pop("position")
-    example[_CORRUPT] = tf.cast(
-        tf.maximum(position - previous - 1, 0), tf.int32)
-    return tf.maximum(previous, position), example
-
-  return real.concatenate(padding).scan(tf.constant(-1, tf.int64), count_gap)
+  padding = {"image": tf.zeros([crop, crop, 3], tf.uint8),
+             "mask": tf.fill([crop, crop], tf.constant(IGNORE, tf.uint8)),
+             "valid": tf.constant(0, tf.int32)}
+  return pipeline.padded_pass(source, process_count, batch, make_view,
+                              padding,
+                              prefetch=int(config.data.get("prefetch", 2)))

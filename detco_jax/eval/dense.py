@@ -42,6 +42,7 @@ from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import distributed
 from detco_jax import preemption
 from detco_jax import pretrained
+from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax.data import segmentation
 from detco_jax.data import sources
@@ -468,10 +469,9 @@ def _train(config, backbone, state, tx, mesh, ckpt, writer, start: int,
 def _log_train(config, writer, step: int, history: list[dict[str, Array]],
                tick: float) -> None:
   """Writes a window's mean training metrics; stops on a non-finite loss."""
-  fetched = jax.device_get(history)  # Waits for the window's last step.
+  means = reporting.window_means(history)  # Waits for the window's end.
   seconds = time.perf_counter() - tick
-  scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
-             for k in fetched[0]}
+  scalars = {f"train/{k}": v for k, v in means.items()}
   if not np.isfinite(scalars["train/loss"]):
     raise FloatingPointError(f"Dense probe loss is {scalars['train/loss']} "
                              f"at step {step}; lower --config.learning_rate.")
@@ -520,9 +520,7 @@ def _report(results: dict[str, Any], writer: metric_writers.MetricWriter,
     logging.info("Dense probe %s: mIoU %.4f, pixel accuracy %.4f.", s,
                  r["miou"], r["pixel_accuracy"])
   writer.write_scalars(results["steps_trained"], scalars)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / RESULTS_FILE).write_text(
-        json.dumps(results, indent=2))
+  reporting.write_json(workdir, RESULTS_FILE, results)
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Inside pretraining, `config.knn.every_steps > 0` runs it on the query
 backbone every that many steps (see `detco_jax.train`).
 """
 
-import json
 from typing import Any, Iterable
 
 import jax
@@ -25,13 +24,13 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from detco_jax import distributed
 from detco_jax import pretrained
+from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax.data import pipeline
 from detco_jax.data import sources
@@ -179,11 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  random_init=bool(config.random_init),
                  dataset=config.data.dataset, stage=config.knn.stage,
                  k=config.knn.k, temperature=config.knn.temperature)
-  if jax.process_index() == 0:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / RESULTS_FILE).write_text(json.dumps(results, indent=2,
-                                                sort_keys=True))
+  reporting.write_json(workdir, RESULTS_FILE, results)
   return results
 
 

@@ -13,7 +13,6 @@ TensorBoard, the log and `<workdir>/linear_results.json`. A workdir with a
 checkpoint resumes, data stream included; SIGTERM saves and exits.
 """
 
-import json
 from typing import Any, Sequence
 
 import flax
@@ -34,6 +33,7 @@ from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import distributed
 from detco_jax import preemption
 from detco_jax import pretrained
+from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax.data import pipeline
 from detco_jax.data import sources
@@ -269,13 +269,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         f"{-(-config.batch_size // n) * n}.")
 
 
-def write_results(workdir: str, results: dict[str, Any]) -> None:
-  """Writes the results JSON (process 0 only)."""
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / RESULTS_FILE).write_text(
-        json.dumps(results, indent=2, sort_keys=True))
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the probe in `workdir`, then evaluates it.
 
@@ -321,13 +314,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("Linear probe of %s on %s: steps %d..%d, %d classes.",
                backbone.source, config.data.dataset, int(state.step), total,
                num_classes)
+  # One jitted test step for the periodic and the final evaluations.
+  eval_step = make_eval_step(backbone, mesh)
   try:
-    state, stopped = _train(config, workdir, backbone, state, total, tx,
-                            schedule, mesh, state_sharding, ckpt, writer)
+    state, stopped = _train(config, backbone, state, total, tx, schedule,
+                            mesh, state_sharding, eval_step, ckpt, writer)
     if stopped:
       return {}
     results = _final_results(config, workdir, backbone, state, mesh,
-                             steps_per_epoch, writer)
+                             eval_step, steps_per_epoch, writer)
   finally:
     ckpt.close()
     writer.flush()
@@ -335,14 +330,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return results
 
 
-def _train(config, workdir, backbone, state, total, tx, schedule, mesh,
-           state_sharding, ckpt, writer) -> tuple[ProbeState, bool]:
+def _train(config, backbone, state, total, tx, schedule, mesh,
+           state_sharding, eval_step, ckpt, writer
+           ) -> tuple[ProbeState, bool]:
   """The probe's training loop; returns (state, stopped by SIGTERM)."""
   start = int(state.step)
   if start >= total:
     return state, False
   train_step = make_train_step(backbone, tx, schedule, mesh, state_sharding)
-  eval_step = make_eval_step(backbone, mesh)
   data = pipeline.make_eval_iterator(config, config.data.train_split,
                                      train=True, batch_size=config.batch_size,
                                      start_step=start)
@@ -358,7 +353,7 @@ def _train(config, workdir, backbone, state, total, tx, schedule, mesh,
       history.append(metrics)
       stopping = stop.agreed(at_sync_point=step % config.log_every == 0)
       if step % config.log_every == 0 or step == total or stopping:
-        scalars = _window_means(history)
+        scalars = reporting.window_means(history)
         writer.write_scalars(step, scalars)
         history = []
         if not np.isfinite(scalars[f"{config.stages[-1]}/loss"]):
@@ -386,11 +381,6 @@ def _test_batches(config: ml_collections.ConfigDict):
                                      batch_size=config.batch_size)
 
 
-def _window_means(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  fetched = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-
-
 def _write_eval(writer, step: int, results: dict[str, dict[str, float]]
                 ) -> None:
   scalars = {f"{s}/test_{m}": v for s, r in results.items()
@@ -401,10 +391,10 @@ def _write_eval(writer, step: int, results: dict[str, dict[str, float]]
       for s, r in results.items()))
 
 
-def _final_results(config, workdir, backbone, state, mesh, steps_per_epoch,
-                   writer) -> dict[str, Any]:
+def _final_results(config, workdir, backbone, state, mesh, eval_step,
+                   steps_per_epoch, writer) -> dict[str, Any]:
   """Evaluates the trained heads and writes the results file."""
-  stages = evaluate(make_eval_step(backbone, mesh), state,
+  stages = evaluate(eval_step, state,
                     backbone.variables, _test_batches(config), mesh)
   step = int(state.step)
   _write_eval(writer, step, stages)
@@ -419,7 +409,7 @@ def _final_results(config, workdir, backbone, state, mesh, steps_per_epoch,
       "epochs": step / steps_per_epoch,
       "stages": stages,
   }
-  write_results(workdir, results)
+  reporting.write_json(workdir, RESULTS_FILE, results)
   return results
 
 
