@@ -107,6 +107,26 @@ def test_labels_and_boxes_agree_with_masks(prepared):
       assert _pixel_box(box) == _mask_box(mask == c + 1)
 
 
+def test_label_is_the_large_main_object():
+  # The first object drawn is the main one, and it outsizes every distractor
+  # even when they occlude it: `label` is its class in every image.
+  size = 64
+  fractions = []
+  for i in range(300):
+    ex = builtin.generate_example("train", i, size)
+    main = ex["box_labels"][0]
+    assert ex["label"] == main, i
+    counts = np.bincount(ex["mask"].ravel(), minlength=builtin.NUM_CLASSES + 1)
+    fractions.append(counts[main + 1] / size**2)
+    # Its box lies around the centre: crops of most of the image keep it.
+    centre = (ex["boxes"][0][:2] + ex["boxes"][0][2:]) / 2
+    assert np.all(np.abs(centre - 0.5) < 0.3), (i, centre)
+  # At least 0.4 of a disc of radius 0.2 stays visible; unoccluded, mean
+  # ~pi * 0.25^2.
+  assert min(fractions) >= 0.4 * np.pi * 0.2**2 * 0.9
+  assert 0.12 < np.mean(fractions) < 0.25
+
+
 def test_mask_matches_image_colours(prepared):
   # No anti-aliasing: an object is one colour (shaded, plus pixel noise), so
   # its mask pixels stay close to their median colour. A mask even one pixel

@@ -3,8 +3,10 @@ r"""The built-in offline dataset `detco_shapes`: synthetic multi-object scenes.
 A TFDS `GeneratorBasedBuilder` that needs no network. Each image shows 1 to 4
 objects of different shape classes (`CLASS_NAMES`) with random colour, size,
 position and rotation, over a random textured background (gradient, stripes or
-smooth value noise) with pixel noise. Colours are drawn independently of the
-shape, so colour does not predict the class; later objects occlude earlier ones.
+smooth value noise) with pixel noise: one large main object near the centre,
+drawn first, and up to 3 smaller distractors, which may occlude it. Colours
+are drawn independently of the shape, so colour does not predict the class;
+the main object's shape is the image's `label`.
 
 Usage (importing this module registers the builder with TFDS):
 
@@ -26,6 +28,7 @@ Features of one example (S = image_size, n = number of visible objects):
               belongs to the object on top.
   label       ClassLabel: the class of the largest visible object, i.e. the
               class with the most pixels in `mask` (ties: the lower class id).
+              The sizes are drawn so that this is always the main object.
   labels      float32 [NUM_CLASSES]: multi-hot, 1 for each class in `mask`.
   boxes       float32 [n, 4] (Sequence of BBoxFeature): per visible object, in
               drawing order (back to front), the normalised [ymin, xmin, ymax,
@@ -74,13 +77,18 @@ _SPLIT_IDS = {"train": 0, "test": 1}
 
 # Part of every example's seed: change it together with `DetcoShapes.VERSION`
 # whenever the generator's output changes.
-_GENERATOR_SEED = 1
+_GENERATOR_SEED = 2
 
 # Object size: the radius, as a fraction of the image side, of the disc with the
-# same area as the object (areas are equalised across shapes, so that `label`,
-# the largest object, is not biased towards bulky shapes).
-_RADIUS_RANGE = (0.08, 0.2)
-_CENTRE_RANGE = (0.15, 0.85)
+# same area as the object (areas are equalised across shapes, so that no shape
+# is bulkier than another). The first object of a scene is the main one: large
+# and near the centre, so that crops keep it. The others are distractors too
+# small to outsize it even when it is partly occluded (0.4 x 0.2^2 > 0.12^2),
+# so `label`, the largest visible object, is always the main object's class.
+_MAIN_RADIUS_RANGE = (0.2, 0.3)
+_MAIN_CENTRE_RANGE = (0.3, 0.7)
+_DISTRACTOR_RADIUS_RANGE = (0.06, 0.12)
+_DISTRACTOR_CENTRE_RANGE = (0.1, 0.9)
 # A placement is redrawn if it would leave an earlier object with less than this
 # fraction of its pixels visible: occlusion, but every object stays legible.
 _MIN_VISIBLE_FRACTION = 0.4
@@ -267,7 +275,8 @@ def _background(rng: np.random.Generator, yy: np.ndarray,
 
 
 def _sample_object(
-    rng: np.random.Generator, class_id: int, yy: np.ndarray, xx: np.ndarray
+    rng: np.random.Generator, class_id: int, main: bool, yy: np.ndarray,
+    xx: np.ndarray
 ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
   """Draws a placement of one object and rasterises it.
 
@@ -277,6 +286,7 @@ def _sample_object(
   Args:
     rng: the example's generator.
     class_id: index into `CLASS_NAMES`.
+    main: the scene's main object (large, central) or a distractor.
     yy: [S, 1] pixel-centre rows, normalised.
     xx: [1, S] pixel-centre columns, normalised.
 
@@ -285,8 +295,10 @@ def _sample_object(
     in the window, and a float shading ramp in [-1, 1] in the window (the
     projection on a random direction, in object radii).
   """
-  cy, cx = rng.uniform(*_CENTRE_RANGE, size=2)
-  radius = rng.uniform(*_RADIUS_RANGE) * _shape_scales()[class_id]
+  centres = _MAIN_CENTRE_RANGE if main else _DISTRACTOR_CENTRE_RANGE
+  radii = _MAIN_RADIUS_RANGE if main else _DISTRACTOR_RADIUS_RANGE
+  cy, cx = rng.uniform(*centres, size=2)
+  radius = rng.uniform(*radii) * _shape_scales()[class_id]
   cos, sin = _unit_vector(rng)
   shade_dir = _unit_vector(rng)
   size, extent = yy.shape[0], _EXTENT * radius
@@ -332,7 +344,8 @@ def _place_objects(rng: np.random.Generator, classes: np.ndarray,
     # The first object can only fail by missing every pixel centre (tiny
     # images): try it longer, so that every image has an object.
     for _ in range(_PLACEMENT_TRIES * (1 if placed else 10)):
-      window, inside, ramp = _sample_object(rng, int(class_id), yy, xx)
+      window, inside, ramp = _sample_object(rng, int(class_id), not placed,
+                                            yy, xx)
       area = int(inside.sum())
       if area == 0:
         continue
@@ -464,8 +477,12 @@ _MASK_DOC = ("Class segmentation of the visible pixels: 0 = background, "
 class DetcoShapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic multi-object scenes, generated offline and deterministically."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": ("A large, central main object and smaller distractors, so "
+                "that `label` is a shape a small network learns."),
+  }
   # The demo (default) and the test configs; any other `s{S}_tr{N}_te{M}` name
   # is made on demand by `get_builder_config`.
   BUILDER_CONFIGS = [_make_config(64, 10_000, 2_000), _make_config(32, 256, 64)]
