@@ -5,7 +5,7 @@ r"""A small-scale reproduction of DetCo's ablation on the built-in dataset.
 
 Pretrains four methods with equal budgets (`--scale` names the variant of
 configs/detco.py that sets the budget: `ablation` is ResNet-18 of width 16,
-32 px views, one epoch of `detco_shapes`; `demo` is the README's demo run),
+32 px views, 3 epochs of `detco_shapes`; `demo` is the README's demo run),
 each with every seed:
 
   MoCo v2          Res5 only, global<->global        (`mocov2`)

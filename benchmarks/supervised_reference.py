@@ -4,8 +4,8 @@ r"""A supervised reference on the built-in dataset: how learnable is `label`?
 
 Trains the demo's backbone (ResNet-18 of width 16, small-image stem) end to
 end with a linear classifier on pooled res5 features, on `detco_shapes`'
-`label` (the largest object's shape), with the linear probe's training
-views (RandomResizedCrop + flip at 48 px) and SGD with momentum on a cosine
+`label` (the main object's shape), with the linear probe's training
+views (RandomResizedCrop + flip at the demo's 32 px) and SGD with momentum on a cosine
 schedule; then prints test top-1 (resize + centre crop). It tells whether a
 probe at chance after the demo pretraining says something about the
 representation or about the task at this scale.
@@ -58,7 +58,8 @@ def main() -> None:
   config = linear_probe.get_config("demo")
   sources.prepare_builtin(config.data)
   net = pretrained.resnet_of(pre)
-  variables = net.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)),
+  crop = config.eval_views.crop_size
+  variables = net.init(jax.random.key(0), jnp.zeros((1, crop, crop, 3)),
                        train=False)
   num_classes = sources.num_classes(config.data)
   params = {"net": variables["params"],

@@ -16,7 +16,7 @@ different scales; Adam's per-parameter step size lets one learning rate fit
 all four, and the standardisation makes it right whatever the backbone.
 Adam moves each parameter by about `learning_rate` per step, so the rate
 must let the biases reach the log ratios of the class priors (about 4 for
-the built-in dataset's 80% background) well within the schedule:
+the built-in dataset's 70-80% background) well within the schedule:
 learning_rate * steps / 2 >> 4. (At 1e-2 the 312-step demo ends above the
 prior's cross-entropy; 3e-2 reaches it.) No weight decay: a 1x1 classifier
 on a frozen map does not overfit within these few epochs.
@@ -29,7 +29,7 @@ Variants (`--config=configs/dense_probe.py:VARIANT`):
   (default)  `oxford_iiit_pet` (prepared with `tfds build oxford_iiit_pet`),
              224 px crops, masks 1..3 mapped to pet / background / border.
   demo       the built-in `detco_shapes` at the demo pretraining's sizes
-             (64 px images, 48 px crops and masks), 11 classes (background
+             (64 px images, 32 px crops and masks), 11 classes (background
              + 10 shapes); a few minutes on a 2-core CPU for the demo's
              ResNet-18 of width 16.
   tiny       a few-step smoke configuration for tests (32 px).
@@ -104,8 +104,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
                         "ring", "star", "hexagon", "bar", "diamond",
                         "crescent")
   c.data.shuffle_buffer = 2_000
-  c.views.crop_size = 48
-  c.views.resize_size = 55
+  c.views.crop_size = 32
+  c.views.resize_size = 37
   c.stats_batches = 4
   c.num_epochs = 2
   c.learning_rate = 3e-2

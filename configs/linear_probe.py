@@ -17,7 +17,7 @@ untrained: the floor.
 Variants (`--config=configs/linear_probe.py:VARIANT`):
 
   demo   the built-in dataset after the README's demo pretraining
-         (`configs/detco.py:demo`): 48 px crops, 10 epochs, standardised
+         (`configs/detco.py:demo`): 32 px crops, 10 epochs, standardised
          features with lr 0.5, a few minutes on a 2-core CPU.
   tiny   a few steps at 32 px for tests.
 """
@@ -87,8 +87,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.data.dataset = "detco_shapes"
   c.data.eval_split = "test"
   c.data.shuffle_buffer = 2_000
-  c.eval_views.crop_size = 48
-  c.eval_views.resize_size = 55
+  c.eval_views.crop_size = 32
+  c.eval_views.resize_size = 37
   c.num_epochs = 10
   c.lr_decay_epochs = (6, 8)
   # The demo's narrow ResNet has large pooled features: lr 30 on them
