@@ -121,8 +121,6 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.data.builtin_num_test = 64
   c.data.shuffle_buffer = 64
   c.data.prefetch = 1
-  c.views.crop_size = 32
-  c.views.resize_size = 37
   c.stats_batches = 1
   c.batch_size = 16
   c.eval_batch_size = 48       # 64 test images: the second batch is padded.

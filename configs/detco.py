@@ -196,18 +196,14 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-  """A smoke configuration for tests: 32 px views, width 8, a few steps."""
+  """A smoke configuration for tests: the demo's 32 px views on 32 px images,
+  ResNet-10 of width 8, a few steps."""
   _demo(c)
   c.data.builtin_image_size = 32
   c.data.builtin_num_train = 256
   c.data.builtin_num_test = 64
   c.data.shuffle_buffer = 64
   c.num_train_examples = 256
-  c.views.global_size = 32
-  c.views.local_size = 36
-  c.views.patch_size = 10
-  c.eval_views.crop_size = 32
-  c.eval_views.resize_size = 37
   c.model.depth = 10
   c.model.width = 8
   c.model.global_hidden = ml_collections.ConfigDict(dict(
@@ -216,7 +212,6 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.model.embed_dim = 16
   c.batch_size = 16
   c.queue_size = 64
-  c.bn_groups = 2
   # The demo's 0.5 moves a 6-step run so fast that two processes' and one
   # process's float32 sums drift apart by more than the tests' 1e-5.
   c.base_lr = 0.12

@@ -106,8 +106,6 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.data.builtin_num_train = 256
   c.data.builtin_num_test = 64
   c.data.shuffle_buffer = 64
-  c.eval_views.crop_size = 32
-  c.eval_views.resize_size = 37
   c.batch_size = 32
   c.num_epochs = 1
   c.lr_decay_epochs = (0.5, 0.75)
