@@ -14,12 +14,12 @@ Optimiser: Adam with a cosine decay. The four heads see features of very
 different widths (C to 8C channels) and, for a random backbone, very
 different scales; Adam's per-parameter step size lets one learning rate fit
 all four, and the standardisation makes it right whatever the backbone.
-Adam moves each parameter by about `learning_rate` per step, so the rate
-must let the biases reach the log ratios of the class priors (about 4 for
-the built-in dataset's 70-80% background) well within the schedule:
-learning_rate * steps / 2 >> 4. (At 1e-2 the 312-step demo ends above the
-prior's cross-entropy; 3e-2 reaches it.) No weight decay: a 1x1 classifier
-on a frozen map does not overfit within these few epochs.
+Adam moves each parameter by about `lr` per step, so the rate must let the
+biases reach the log ratios of the class priors (about 4 for the built-in
+dataset's 70-80% background) well within the schedule: lr * steps / 2 >> 4.
+(At 1e-2 the 312-step demo ends above the prior's cross-entropy; 3e-2
+reaches it.) No weight decay: a 1x1 classifier on a frozen map does not
+overfit within these few epochs.
 
 `--config.random_init=True` probes the same architecture untrained (the
 floor); `--config.pretrained_step=N` picks a checkpoint (default the latest).
@@ -33,40 +33,33 @@ Variants (`--config=configs/dense_probe.py:VARIANT`):
              + 10 shapes); a few minutes on a 2-core CPU for the demo's
              ResNet-18 of width 16.
   tiny       a few-step smoke configuration for tests (32 px).
+
+Arguments (`name=value` after the variants, configs/common.py):
+
+  epochs=N   train N epochs (`num_epochs`; the cosine decay follows), e.g.
+             `--config=configs/dense_probe.py:demo,epochs=4`.
+  seed=N     the probe's seed (data order, crops, head initialisation).
 """
 
 import ml_collections
 
-placeholder = ml_collections.config_dict.placeholder
+from configs import common
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Oxford-IIIT Pet at 224 px."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # The pretraining run's --workdir (its config.json says the architecture).
-  c.pretrained = placeholder(str)
-  c.pretrained_step = placeholder(int)  # None: its latest checkpoint.
-  c.random_init = False                 # The untrained network instead.
-
-  c.data = ml_collections.ConfigDict(dict(
+  common.add_backbone_source(c)
+  c.data = common.data(
       dataset="oxford_iiit_pet",
-      train_split="train",
       eval_split="test",
-      data_dir=placeholder(str),
-      image_key="image",
-      label_key="label",
+      shuffle_buffer=4_000,
       mask_key="segmentation_mask",
       mask_offset=-1,                   # Stored 1..3 -> classes 0..2.
       num_classes=3,
       class_names=("pet", "background", "border"),
-      shuffle_buffer=4_000,
-      prefetch=2,
-      # Only used by the built-in `detco_shapes` dataset.
-      builtin_image_size=64,
-      builtin_num_train=10_000,
-      builtin_num_test=2_000,
-  ))
+  )
 
   # Training: RandomResizedCrop of `area` + flip; testing: shorter side to
   # `resize_size`, centre crop. Masks come out at `crop_size`.
@@ -80,13 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
       flip_prob=0.5,
   ))
 
-  c.stages = ("res2", "res3", "res4", "res5")
+  c.stages = common.STAGES
   c.stats_batches = 8          # Training batches that fix the standardisation.
   c.batch_size = 64            # Global, all processes together.
   c.eval_batch_size = 64
   c.num_epochs = 20
   c.total_steps = -1           # > 0 overrides num_epochs.
-  c.learning_rate = 1e-2
+  c.lr = 1e-2                  # Adam's; not scaled with the batch.
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
@@ -95,20 +88,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _demo(c: ml_collections.ConfigDict) -> None:
   """The built-in dataset as in configs/detco.py:demo; minutes on a CPU."""
-  c.data.dataset = "detco_shapes"
-  c.data.eval_split = "test"
+  common.builtin_demo(c)
   c.data.mask_key = "mask"
   c.data.mask_offset = 0
   c.data.num_classes = 11
   c.data.class_names = ("background", "circle", "square", "triangle", "plus",
                         "ring", "star", "hexagon", "bar", "diamond",
                         "crescent")
-  c.data.shuffle_buffer = 2_000
-  c.views.crop_size = 32
-  c.views.resize_size = 37
+  c.views.crop_size = common.DEMO_CROP_SIZE
+  c.views.resize_size = common.DEMO_RESIZE_SIZE
   c.stats_batches = 4
   c.num_epochs = 2
-  c.learning_rate = 3e-2
+  c.lr = 3e-2
   c.log_every = 25
   c.checkpoint_every = 200
 
@@ -116,10 +107,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """Tests: the 32 px built-in dataset, a few steps, padding in the test."""
   _demo(c)
-  c.data.builtin_image_size = 32
-  c.data.builtin_num_train = 256
-  c.data.builtin_num_test = 64
-  c.data.shuffle_buffer = 64
+  common.builtin_tiny(c)
   c.data.prefetch = 1
   c.stats_batches = 1
   c.batch_size = 16
@@ -132,19 +120,6 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
 VARIANTS = {"demo": _demo, "tiny": _tiny}
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """Returns the dense-probe config.
+ARGUMENTS = common.run_arguments()
 
-  Args:
-    arg: comma-separated variant names from `VARIANTS`, applied in order.
-
-  Returns:
-    The `ml_collections.ConfigDict`.
-  """
-  config = base_config()
-  for name in filter(None, (a.strip() for a in (arg or "").split(","))):
-    if name not in VARIANTS:
-      raise ValueError(
-          f"Unknown config variant {name!r}; choose from {sorted(VARIANTS)}.")
-    VARIANTS[name](config)
-  return config
+get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

@@ -17,19 +17,27 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
   tiny          a few-step smoke configuration for tests (32 px, ResNet-10
                 of width 8).
   ablation      the demo for 3 epochs: the scale of the README's ablation
-                table (benchmarks/ablation.py).
+                table (experiments/ablation.py).
   800ep         the paper's 800-epoch schedule.
   aa            RandAugment on the global views ("DetCo+AA").
   single_level  the paper's ablation "multi-level off": Res5 only.
   global_only   the paper's ablation "global-local off": g<->g only.
   mocov2        the MoCo v2 baseline (Res5, g<->g); see configs/mocov2.py.
 
+Arguments, typed `name=value` items in the same list (configs/common.py):
+
+  epochs=N      train N epochs (`num_epochs`), e.g.
+                `--config=configs/detco.py:demo,epochs=3` is the demo for
+                3 epochs.
+  seed=N        the run's seed (`seed`), e.g. `ablation,mocov2,seed=1`.
+
+Items apply left to right: put arguments after the variants they adjust.
 Any value can be overridden on the command line, e.g. `--config.batch_size=512`.
 """
 
 import ml_collections
 
-STAGES = ("res2", "res3", "res4", "res5")
+from configs import common
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,24 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # ---- Data (host side). `dataset` is a TFDS name, `folder:/path`, or the
-  # built-in offline `detco_shapes`.
-  c.data = ml_collections.ConfigDict(dict(
-      dataset="imagenet2012",
-      train_split="train",
-      eval_split="validation",
-      # TFDS data dir; unset: $TFDS_DATA_DIR or the TFDS default. A typed
-      # placeholder so that `--config.data.data_dir=...` can set it.
-      data_dir=ml_collections.config_dict.placeholder(str),
-      image_key="image",
-      label_key="label",
-      shuffle_buffer=10_000,
-      prefetch=2,             # Batches prefetched per process.
-      # Only used by the built-in `detco_shapes` dataset.
-      builtin_image_size=64,
-      builtin_num_train=10_000,
-      builtin_num_test=2_000,
-  ))
+  # ---- Data (host side): configs/common.py's block.
+  c.data = common.data()
 
   # ---- Views made on the host (uint8 crops), spec "Views".
   c.views = ml_collections.ConfigDict(dict(
@@ -69,10 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # ---- Evaluation views (probes): resize the shorter side, centre crop.
-  c.eval_views = ml_collections.ConfigDict(dict(
-      crop_size=224,
-      resize_size=256,
-  ))
+  c.eval_views = common.eval_views()
 
   # ---- Photometric augmentation, run on the device inside the jitted step.
   c.aug = ml_collections.ConfigDict(dict(
@@ -149,9 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- kNN monitor on the query backbone (detco_jax/eval/knn.py): weighted
   # kNN of res5 features, a train subset against a test subset (test
   # transform, `eval_views`). 0 steps: off.
-  c.knn = ml_collections.ConfigDict(dict(
-      every_steps=0, stage="res5", k=200, temperature=0.07,
-      train_examples=10_000, test_examples=2_000, batch_size=256))
+  c.knn = common.knn(every_steps=0)
   return c
 
 
@@ -165,15 +152,13 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   32 images (MoCo's per-GPU batch) keep the key's batch-statistics noise
   below the gap between images.
   """
-  c.data.dataset = "detco_shapes"
-  c.data.eval_split = "test"
-  c.data.shuffle_buffer = 2_000
+  common.builtin_demo(c)
   c.num_train_examples = c.data.builtin_num_train
-  c.views.global_size = 32
+  c.views.global_size = common.DEMO_CROP_SIZE
   c.views.local_size = 36
   c.views.patch_size = 10
-  c.eval_views.crop_size = 32
-  c.eval_views.resize_size = 37
+  c.eval_views = common.eval_views(common.DEMO_CROP_SIZE,
+                                   common.DEMO_RESIZE_SIZE)
   c.model.depth = 18
   c.model.width = 16
   c.model.stem = "cifar"
@@ -199,11 +184,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   """A smoke configuration for tests: the demo's 32 px views on 32 px images,
   ResNet-10 of width 8, a few steps."""
   _demo(c)
-  c.data.builtin_image_size = 32
-  c.data.builtin_num_train = 256
-  c.data.builtin_num_test = 64
-  c.data.shuffle_buffer = 64
-  c.num_train_examples = 256
+  common.builtin_tiny(c)
+  c.num_train_examples = c.data.builtin_num_train
   c.model.depth = 10
   c.model.width = 8
   c.model.global_hidden = ml_collections.ConfigDict(dict(
@@ -219,16 +201,13 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.log_every = 2
   c.checkpoint_every = 3
   c.knn.every_steps = 0
-  c.knn.train_examples = 256
-  c.knn.test_examples = 64
-  c.knn.batch_size = 32
 
 
 def _ablation(c: ml_collections.ConfigDict) -> None:
   """The demo for 3 epochs: the README's ablation scale.
 
   Eight of these (four methods x two seeds) and their probes take about
-  an hour of a 2-core CPU (benchmarks/ablation.py).
+  an hour of a 2-core CPU (experiments/ablation.py).
   """
   _demo(c)
   c.num_epochs = 3
@@ -269,19 +248,6 @@ VARIANTS = {
 }
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """Returns the config.
+ARGUMENTS = common.run_arguments()
 
-  Args:
-    arg: comma-separated variant names from `VARIANTS`, applied in order.
-
-  Returns:
-    The experiment's `ml_collections.ConfigDict`.
-  """
-  config = base_config()
-  for name in filter(None, (a.strip() for a in (arg or "").split(","))):
-    if name not in VARIANTS:
-      raise ValueError(
-          f"Unknown config variant {name!r}; choose from {sorted(VARIANTS)}.")
-    VARIANTS[name](config)
-  return config
+get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

@@ -20,41 +20,33 @@ Variants (`--config=configs/linear_probe.py:VARIANT`):
          (`configs/detco.py:demo`): 32 px crops, 10 epochs, standardised
          features with lr 0.5, a few minutes on a 2-core CPU.
   tiny   a few steps at 32 px for tests.
+
+Arguments (`name=value` after the variants, configs/common.py):
+
+  epochs=N  train N epochs with the decay milestones at the same fractions
+            of the schedule (60% and 80%), e.g.
+            `--config=configs/linear_probe.py:demo,epochs=20`.
+  seed=N    the probe's seed (data order, crops, head initialisation).
 """
 
 import ml_collections
+
+from configs import common
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The MoCo linear-probe protocol on ImageNet."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # The pretraining workdir to probe, and which checkpoint (None: latest).
-  c.pretrained = ml_collections.config_dict.placeholder(str)
-  c.pretrained_step = ml_collections.config_dict.placeholder(int)
-  c.random_init = False       # Probe the untrained network instead (floor).
-
-  c.data = ml_collections.ConfigDict(dict(
-      dataset="imagenet2012",
-      train_split="train",
-      eval_split="validation",
-      data_dir=ml_collections.config_dict.placeholder(str),
-      image_key="image",
-      label_key="label",
-      shuffle_buffer=10_000,
-      prefetch=2,
-      builtin_image_size=64,  # Only for the built-in `detco_shapes`.
-      builtin_num_train=10_000,
-      builtin_num_test=2_000,
-  ))
+  common.add_backbone_source(c)
+  c.data = common.data()
   # Training crops: RandomResizedCrop(crop_size, area (0.08, 1)) + flip.
   c.views = ml_collections.ConfigDict(dict(flip_prob=0.5))
   # Test: resize the shorter side to resize_size, centre crop crop_size.
-  c.eval_views = ml_collections.ConfigDict(dict(crop_size=224,
-                                                resize_size=256))
+  c.eval_views = common.eval_views()
 
   # One linear classifier per stage on global-average-pooled features.
-  c.stages = ("res2", "res3", "res4", "res5")
+  c.stages = common.STAGES
   c.batch_size = 256           # Global, all processes together.
   c.num_epochs = 100
   c.num_train_examples = -1    # -1: the train split's size.
@@ -76,19 +68,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
 
   # The kNN monitor (`python -m detco_jax.eval.knn`) reads the same config.
-  c.knn = ml_collections.ConfigDict(dict(
-      stage="res5", k=200, temperature=0.07,
-      train_examples=10_000, test_examples=2_000, batch_size=256))
+  c.knn = common.knn()
   return c
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:
   """The built-in dataset at the demo pretraining's sizes."""
-  c.data.dataset = "detco_shapes"
-  c.data.eval_split = "test"
-  c.data.shuffle_buffer = 2_000
-  c.eval_views.crop_size = 32
-  c.eval_views.resize_size = 37
+  common.builtin_demo(c)
+  c.eval_views = common.eval_views(common.DEMO_CROP_SIZE,
+                                   common.DEMO_RESIZE_SIZE)
   c.num_epochs = 10
   c.lr_decay_epochs = (6, 8)
   # The demo's narrow ResNet has large pooled features: lr 30 on them
@@ -102,36 +90,25 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """A few steps on the tiny built-in dataset (tests)."""
   _demo(c)
-  c.data.builtin_image_size = 32
-  c.data.builtin_num_train = 256
-  c.data.builtin_num_test = 64
-  c.data.shuffle_buffer = 64
+  common.builtin_tiny(c)
   c.batch_size = 32
   c.num_epochs = 1
   c.lr_decay_epochs = (0.5, 0.75)
   c.log_every = 2
   c.checkpoint_every = 4
-  c.knn.train_examples = 256
-  c.knn.test_examples = 64
-  c.knn.batch_size = 32
 
 
 VARIANTS = {"demo": _demo, "tiny": _tiny}
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The probe config, with comma-separated variants applied in order.
+def _epochs(c: ml_collections.ConfigDict, epochs: int) -> None:
+  """`epochs=N`: N epochs, the step decays at the same fractions of them."""
+  scale = epochs / c.num_epochs
+  c.lr_decay_epochs = tuple(e * scale for e in c.lr_decay_epochs)
+  c.num_epochs = epochs
 
-  Args:
-    arg: e.g. "demo"; None or "" for the paper's ImageNet protocol.
 
-  Returns:
-    The config.
-  """
-  c = base_config()
-  for name in filter(None, (arg or "").split(",")):
-    if name not in VARIANTS:
-      raise ValueError(f"Unknown variant {name!r}; choose from "
-                       f"{sorted(VARIANTS)}.")
-    VARIANTS[name](c)
-  return c
+ARGUMENTS = common.run_arguments(
+    epochs=common.Argument(_epochs, default=100))
+
+get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

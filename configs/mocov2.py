@@ -6,25 +6,23 @@ Same data, schedule, queue and shuffle BN as configs/detco.py; no jigsaw
 views, no shallow heads. Expected after 200 epochs (DetCo paper, Table 1):
 ImageNet linear top-1 67.5; VOC07+12 Faster R-CNN C4 AP 57.0.
 
-Variants of configs/detco.py apply too, e.g. `configs/mocov2.py:demo`.
+This file is `configs/detco.py:mocov2`: the variants and arguments of
+configs/detco.py apply after it, e.g. `configs/mocov2.py:demo` or
+`configs/mocov2.py:ablation,seed=1`.
 """
-
-import importlib.util
-import os
 
 import ml_collections
 
-
-def _detco_config_module():
-  """configs/detco.py, loaded by path: config files are not a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detco.py")
-  spec = importlib.util.spec_from_file_location("detco_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from configs import common
+from configs import detco
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """MoCo v2; `arg` adds comma-separated variants of configs/detco.py."""
-  variants = ",".join(filter(None, ["mocov2", arg]))
-  return _detco_config_module().get_config(variants)
+def base_config() -> ml_collections.ConfigDict:
+  """The paper's DetCo setting with the two DetCo parts switched off."""
+  return detco.get_config("mocov2")
+
+
+VARIANTS = detco.VARIANTS
+ARGUMENTS = detco.ARGUMENTS
+
+get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

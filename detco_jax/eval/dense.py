@@ -340,7 +340,7 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 def make_optimizer(config: ml_collections.ConfigDict,
                    total: int) -> optax.GradientTransformation:
   """Adam, learning rate cosine-decayed to 0 over `total` steps."""
-  return optax.adam(optax.cosine_decay_schedule(config.learning_rate, total))
+  return optax.adam(optax.cosine_decay_schedule(config.lr, total))
 
 
 def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -474,7 +474,7 @@ def _log_train(config, writer, step: int, history: list[dict[str, Array]],
   scalars = {f"train/{k}": v for k, v in means.items()}
   if not np.isfinite(scalars["train/loss"]):
     raise FloatingPointError(f"Dense probe loss is {scalars['train/loss']} "
-                             f"at step {step}; lower --config.learning_rate.")
+                             f"at step {step}; lower --config.lr.")
   scalars["train/images_per_sec"] = len(history) * config.batch_size / seconds
   writer.write_scalars(step, scalars)
 
