@@ -4,8 +4,9 @@ Probes (`detco_jax.eval`) and the export (`detco_jax.export`) start from the
 query encoder's ResNet: its parameters and BN running statistics as the
 pretraining job saved them. The workdir's `config.json` (written by the
 pretraining job at step 0) says which ResNet that is, so a probe needs only
-the workdir. `random_init` gives the same network untrained: the floor a
-probe must beat.
+the workdir. `load` reads only the ResNet's variables from a checkpoint (an
+orbax partial restore), never the rest of the train state. `random_init`
+gives the same network untrained: the floor a probe must beat.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 from jax.sharding import Mesh
@@ -20,7 +22,6 @@ from jax.sharding import Mesh
 from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import config_lib
 from detco_jax import sharding
-from detco_jax import step as step_lib
 from detco_jax.models import resnet
 
 # Where the ResNet sits inside the DetCo encoder's parameter tree.
@@ -78,6 +79,13 @@ def resnet_of(config: ml_collections.ConfigDict) -> resnet.ResNet:
                        dtype=config_lib.DTYPES[m.dtype])
 
 
+def _init_fn(module: resnet.ResNet, config: ml_collections.ConfigDict):
+  """`rng -> variables` of `module` for the config's global view size."""
+  size = config.views.global_size
+  return lambda rng: module.init(rng, jnp.zeros((1, size, size, 3)),
+                                 train=False)
+
+
 def from_encoder(config: ml_collections.ConfigDict, params: Any,
                  batch_stats: Any, step: int = 0,
                  source: str = "in-memory") -> Backbone:
@@ -113,25 +121,37 @@ def load(workdir: str, step: int | None = None,
 
   Raises:
     FileNotFoundError: with no config.json or no such complete checkpoint.
+    ValueError: when the checkpoint holds no backbone (not a pretraining
+      run's, e.g. a probe's).
   """
   config = load_config(workdir)
   mesh = sharding.make_mesh() if mesh is None else mesh
-  model = config_lib.build_model(config)
-  tx, _ = config_lib.build_optimizer(config)
-  init = lambda rng: step_lib.init_state(config, model, tx, rng)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  # Everything replicated: the probes read params; queues are small.
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=sharding.replicated(mesh)),
-      abstract)
+  module = resnet_of(config)
+  # Replicated, as the probes and the export read the whole ResNet.
+  replicated = sharding.replicated(mesh)
+  variables = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(_init_fn(module, config), jax.random.key(0)))
+  # Where the train state keeps the query backbone, and its step (an int32
+  # scalar): the only parts read.
+  target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+            "params": {BACKBONE_KEY: variables["params"]},
+            "batch_stats": {BACKBONE_KEY: variables["batch_stats"]}}
   ckpt = checkpoint_lib.Checkpointer(workdir, asynchronous=False)
   try:
-    state = ckpt.restore(target, step)
+    restored = ckpt.restore_subtrees(target, step)
+  except checkpoint_lib.MissingSubtreesError as e:
+    raise ValueError(
+        f"{workdir} holds no pretrained backbone: {e} Is it a probe's "
+        "workdir? Pass (as --config.pretrained, or the export's --workdir) "
+        "the --workdir of a pretraining run (python -m detco_jax.main "
+        "--config=configs/detco.py ...), which saves the whole DetCo state "
+        "with the query ResNet under params/backbone.") from e
   finally:
     ckpt.close()
-  return from_encoder(config, state.params, state.batch_stats,
-                      int(state.step), f"{workdir} step {int(state.step)}")
+  restored_step = int(restored["step"])
+  return from_encoder(config, restored["params"], restored["batch_stats"],
+                      restored_step, f"{workdir} step {restored_step}")
 
 
 def random_init(config: ml_collections.ConfigDict, seed: int = 0,
@@ -148,11 +168,9 @@ def random_init(config: ml_collections.ConfigDict, seed: int = 0,
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
   module = resnet_of(config)
-  size = config.views.global_size
-  init = lambda rng: module.init(rng, jax.numpy.zeros((1, size, size, 3)),
-                                 train=False)
-  variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(
-      jax.random.key(seed))
+  variables = jax.jit(_init_fn(module, config),
+                      out_shardings=sharding.replicated(mesh))(
+                          jax.random.key(seed))
   return Backbone(module, dict(variables), config, 0, f"random init {seed}")
 
 
