@@ -1,9 +1,23 @@
-"""Pictures for TensorBoard: one sample's four views, as the encoders see them."""
+"""Pictures for TensorBoard and result files.
+
+  * `views_panel`: one pretraining sample's four views, as the encoders see
+    them;
+  * `grid`: attention maps of several backbones over the same images
+    (`eval.attention`), with a header row naming the columns.
+"""
+
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+
+# ----------------------------------------------------------------------------
+# Pretraining views.
 
 
-def _grid(patches: np.ndarray, gap: int = 1) -> np.ndarray:
+def _patch_grid(patches: np.ndarray, gap: int = 1) -> np.ndarray:
   """Tiles 9 patches [9, h, w, 3] as a 3 x 3 grid with `gap` px white lines."""
   n, h, w, c = patches.shape
   side = int(round(n ** 0.5))
@@ -32,7 +46,7 @@ def views_panel(global_views: np.ndarray, local_views: np.ndarray | None,
                            + np.asarray(mean), 0.0, 1.0)
   panels = [undo(v) for v in global_views]
   if local_views is not None:
-    panels += [_grid(undo(p)) for p in local_views]
+    panels += [_patch_grid(undo(p)) for p in local_views]
   height = max(p.shape[0] for p in panels)
   padded = []
   for p in panels:
@@ -40,3 +54,118 @@ def views_panel(global_views: np.ndarray, local_views: np.ndarray | None,
     canvas[:p.shape[0], :p.shape[1]] = p
     padded.append(canvas)
   return np.concatenate(padded, axis=1)[:, :-gap]
+
+
+# ----------------------------------------------------------------------------
+# Attention maps.
+
+# The grid's geometry.
+GAP_PX = 2        # White lines between tiles.
+HEADER_PX = 28    # The header row: two lines of the default font.
+MIN_TILE_PX = 96  # Small images are enlarged (integer factor) to this.
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+  """The "jet" colour map: values in [0, 1] -> uint8 RGB (blue to red)."""
+  x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)[..., None]
+  centres = np.array([0.75, 0.5, 0.25], np.float32)  # R, G, B peaks.
+  rgb = np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
+  return np.round(rgb * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """A heat map over an image: uint8 [H, W, 3] and [H, W] -> uint8 RGB.
+
+  Args:
+    image: the image.
+    amap: the map, values in [0, 1].
+    alpha: the heat map's opacity (1: the heat map alone).
+
+  Returns:
+    The blend.
+  """
+  blend = ((1 - alpha) * image.astype(np.float32)
+           + alpha * colormap(amap).astype(np.float32))
+  return np.round(blend).astype(np.uint8)
+
+
+def tile_size(image_size: int) -> int:
+  """Tile side: the image side times the least integer reaching MIN_TILE_PX."""
+  return image_size * max(1, -(-MIN_TILE_PX // image_size))
+
+
+def _resized(tile: np.ndarray, side: int) -> np.ndarray:
+  """`tile` resized (bilinear) to `side` x `side`, unless it already is."""
+  if tile.shape[0] == side and tile.shape[1] == side:
+    return tile
+  return np.asarray(Image.fromarray(tile).resize((side, side),
+                                                 Image.Resampling.BILINEAR))
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+  """`text`, cut short with ".." if it is wider than `width` px."""
+  if draw.textlength(text, font=font) <= width:
+    return text
+  while text and draw.textlength(text + "..", font=font) > width:
+    text = text[:-1]
+  return text + ".."
+
+
+def _header(columns: Sequence[tuple[str, str]], side: int) -> Image.Image:
+  """The header row: two text lines per column; the scale over column 0."""
+  width = len(columns) * (side + GAP_PX) - GAP_PX
+  header = Image.new("RGB", (width, HEADER_PX), "white")
+  draw = ImageDraw.Draw(header)
+  font = ImageFont.load_default()
+  for i, (top, bottom) in enumerate(columns):
+    x = i * (side + GAP_PX)
+    draw.text((x + 2, 1), _fit(draw, top, side - 4, font), fill="black",
+              font=font)
+    draw.text((x + 2, 14), _fit(draw, bottom, side - 4, font), fill="black",
+              font=font)
+  # The colour scale, under the image column's title: "0 [bar] 1".
+  bar = colormap(np.linspace(0, 1, max(side - 24, 2))[None].repeat(8, 0))
+  header.paste(Image.fromarray(bar), (12, 16))
+  draw.text((2, 14), "0", fill="black", font=font)
+  draw.text((side - 10, 14), "1", fill="black", font=font)
+  return header
+
+
+def grid(images: np.ndarray, runs: dict[str, dict[str, np.ndarray]],
+         alpha: float = 0.5, side: int | None = None) -> np.ndarray:
+  """The picture: rows = images; columns = the image, then each run's maps.
+
+  Args:
+    images: uint8 [N, S, S, 3].
+    runs: {label: {stage: [N, S, S] maps in [0, 1]}}, in column order.
+    alpha: the heat maps' opacity over the image.
+    side: tile side in px; default `tile_size(S)`.
+
+  Returns:
+    uint8 [HEADER_PX + N * (side + GAP_PX) - GAP_PX,
+           cols * (side + GAP_PX) - GAP_PX, 3], cols = 1 + runs * stages.
+  """
+  side = side or tile_size(images.shape[1])
+  columns = [("image", "")] + [(label, stage) for label, maps in runs.items()
+                               for stage in maps]
+  rows = []
+  for i, image in enumerate(images):
+    tiles = [image] + [overlay(image, maps[stage][i], alpha)
+                       for maps in runs.values() for stage in maps]
+    rows.append(_stack([_resized(t, side) for t in tiles], axis=1))
+  body = _stack(rows, axis=0)
+  return np.concatenate(
+      [np.asarray(_header(columns, side)),
+       np.full((GAP_PX, body.shape[1], 3), 255, np.uint8), body], axis=0)
+
+
+def _stack(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
+  """Concatenates with GAP_PX white lines between the parts."""
+  shape = list(parts[0].shape)
+  shape[axis] = GAP_PX
+  gap = np.full(shape, 255, np.uint8)
+  out = [parts[0]]
+  for part in parts[1:]:
+    out += [gap, part]
+  return np.concatenate(out, axis=axis)

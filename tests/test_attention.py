@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
+from detco_jax import visualize
 from detco_jax.eval import attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,8 +102,8 @@ def test_random_runs_need_a_workdir_run_and_distinct_labels():
 
 
 def _expected_size(rows: int, cols: int, side: int) -> tuple[int, int]:
-  gap = attention.GAP_PX
-  return (attention.HEADER_PX + gap + rows * (side + gap) - gap,
+  gap = visualize.GAP_PX
+  return (visualize.HEADER_PX + gap + rows * (side + gap) - gap,
           cols * (side + gap) - gap)
 
 
@@ -110,16 +111,16 @@ def test_grid_layout_and_colours():
   images = np.zeros((2, 32, 32, 3), np.uint8)
   ramp = np.broadcast_to(np.linspace(0, 1, 32), (2, 32, 32))
   maps = {s: ramp for s in attention.STAGES}
-  picture = attention.grid(images, {"a": maps, "b": maps}, alpha=1.0)
-  side = attention.tile_size(32)
+  picture = visualize.grid(images, {"a": maps, "b": maps}, alpha=1.0)
+  side = visualize.tile_size(32)
   assert side == 96
   assert picture.shape == (*_expected_size(2, 9, side), 3)
   assert picture.dtype == np.uint8
   # Alpha 1 shows the colour map alone: blue at 0, red at 1.
-  top = attention.HEADER_PX + attention.GAP_PX
-  first_map = picture[top:top + side, side + attention.GAP_PX:][:, :side]
-  assert tuple(attention.colormap(0.0)) == (0, 0, 128)
-  assert tuple(attention.colormap(1.0)) == (128, 0, 0)
+  top = visualize.HEADER_PX + visualize.GAP_PX
+  first_map = picture[top:top + side, side + visualize.GAP_PX:][:, :side]
+  assert tuple(visualize.colormap(0.0)) == (0, 0, 128)
+  assert tuple(visualize.colormap(1.0)) == (128, 0, 0)
   assert first_map[side // 2, 0, 2] > first_map[side // 2, 0, 0]
   assert first_map[side // 2, -1, 0] > first_map[side // 2, -1, 2]
 
@@ -142,7 +143,7 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path):
        f"--out={out}", "--num_images=3"],
       check=True, env=env, cwd=REPO, timeout=300)
 
-  side = attention.tile_size(32)
+  side = visualize.tile_size(32)
   with open(os.path.join(out, "attention.png"), "rb") as f:
     assert _png_size(f.read()) == _expected_size(3, 1 + 3 * 4, side)
   for label in ["detco", "mocov2", "random"]:

@@ -1,4 +1,4 @@
-"""Tests of the device-side augmentation, detco_jax/data/augment.py.
+"""Tests of the device-side augmentation: augment, randaugment, colorspace.
 
 Every op is checked against an independent NumPy reference written from the
 equations (torchvision / PIL semantics), then the pipeline's probabilities,
@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from detco_jax.data import augment
+from detco_jax.data import colorspace
+from detco_jax.data import randaugment
 
 LUMA = np.array([0.299, 0.587, 0.114])
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -109,7 +111,7 @@ def np_blur(x, sigma, kernel_size):
 
 def test_to_grayscale_matches_luma():
   x = rand_image((2, 5, 7, 3))
-  out = np.asarray(augment.to_grayscale(jnp.asarray(x)))
+  out = np.asarray(colorspace.to_grayscale(jnp.asarray(x)))
   ref = np_gray(x)
   for c in range(3):
     np.testing.assert_allclose(out[..., c], ref, atol=1e-6)
@@ -438,16 +440,16 @@ def _levels(x):
 @functools.lru_cache(maxsize=None)
 def _all_ops(magnitude):
   """Jitted: every RandAugment op on one image, vmapped over op indices."""
-  num = len(augment.RANDAUGMENT_OPS)
+  num = len(randaugment.RANDAUGMENT_OPS)
   fn = lambda im, sign: jax.vmap(
-      lambda op: augment.apply_randaugment_op(im, op, sign, magnitude))(
+      lambda op: randaugment.apply_randaugment_op(im, op, sign, magnitude))(
           jnp.arange(num))
   return jax.jit(fn)
 
 
 def _ra_outputs(x, sign=1.0, magnitude=9):
   out = np.asarray(_all_ops(magnitude)(jnp.asarray(x), sign))
-  return dict(zip(augment.RANDAUGMENT_OPS, out))
+  return dict(zip(randaugment.RANDAUGMENT_OPS, out))
 
 
 def test_randaugment_pixel_ops_match_pil():
@@ -485,7 +487,7 @@ def test_randaugment_equalize_matches_pil_on_narrow_histograms():
   rng = np.random.default_rng(21)
   x = (rng.integers(100, 110, (9, 10, 3)) / 255).astype(np.float32)
   x[..., 1] = 0.5  # A constant channel: PIL leaves it unchanged.
-  out = np.asarray(jax.jit(augment.equalize)(jnp.asarray(x)))
+  out = np.asarray(jax.jit(randaugment.equalize)(jnp.asarray(x)))
   np.testing.assert_array_equal(_levels(out),
                                 np.asarray(ImageOps.equalize(_pil(x))))
 
@@ -493,7 +495,7 @@ def test_randaugment_equalize_matches_pil_on_narrow_histograms():
 def test_randaugment_geometric_ops():
   x = rand_image((7, 7, 3), seed=22)
   fill = np.float32(128 / 255)
-  warp = jax.jit(augment._affine_warp, static_argnums=2)
+  warp = jax.jit(randaugment._affine_warp, static_argnums=2)
   # Exact constructs: a 90 degree rotation, an integer shift, a unit shear.
   c, s = np.cos(np.pi / 2), np.sin(np.pi / 2)
   rot = np.asarray(warp(jnp.asarray(x), jnp.asarray(

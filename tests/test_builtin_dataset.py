@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from detco_jax.data import builtin
+from detco_jax.data import scenes
 
 SIZE, NUM_TRAIN, NUM_TEST = 32, 64, 16
 
@@ -36,7 +37,7 @@ def _read(b: tfds.core.DatasetBuilder, split: str) -> list[dict]:
 def prepared(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   b = _prepare_offline(data_dir)
-  return data_dir, b, {split: _read(b, split) for split in builtin.SPLITS}
+  return data_dir, b, {split: _read(b, split) for split in scenes.SPLITS}
 
 
 def _files(root: pathlib.Path) -> dict[str, tuple[int, str]]:
@@ -66,13 +67,13 @@ def test_prepares_offline_with_requested_counts_dtypes_and_shapes(prepared):
       assert ex["image"].dtype == np.uint8
       assert ex["mask"].shape == (SIZE, SIZE, 1)
       assert ex["mask"].dtype == np.uint8
-      assert ex["labels"].shape == (builtin.NUM_CLASSES,)
+      assert ex["labels"].shape == (scenes.NUM_CLASSES,)
       assert ex["labels"].dtype == np.float32
       assert ex["boxes"].dtype == np.float32
       n = len(ex["box_labels"])
-      assert 1 <= n <= builtin.MAX_OBJECTS
+      assert 1 <= n <= scenes.MAX_OBJECTS
       assert ex["boxes"].shape == (n, 4)
-      assert 0 <= ex["label"] < builtin.NUM_CLASSES
+      assert 0 <= ex["label"] < scenes.NUM_CLASSES
 
 
 def _pixel_box(box: np.ndarray) -> tuple[int, int, int, int]:
@@ -90,8 +91,8 @@ def test_labels_and_boxes_agree_with_masks(prepared):
   _, _, examples = prepared
   for ex in examples["train"] + examples["test"]:
     mask = ex["mask"][..., 0]
-    assert mask.max() <= builtin.NUM_CLASSES
-    counts = np.bincount(mask.ravel(), minlength=builtin.NUM_CLASSES + 1)[1:]
+    assert mask.max() <= scenes.NUM_CLASSES
+    counts = np.bincount(mask.ravel(), minlength=scenes.NUM_CLASSES + 1)[1:]
     present = np.flatnonzero(counts)
     # `label`: the class with the most visible pixels (lower id on ties).
     assert ex["label"] == np.argmax(counts)
@@ -113,10 +114,10 @@ def test_label_is_the_large_main_object():
   size = 64
   fractions = []
   for i in range(300):
-    ex = builtin.generate_example("train", i, size)
+    ex = scenes.generate_example("train", i, size)
     main = ex["box_labels"][0]
     assert ex["label"] == main, i
-    counts = np.bincount(ex["mask"].ravel(), minlength=builtin.NUM_CLASSES + 1)
+    counts = np.bincount(ex["mask"].ravel(), minlength=scenes.NUM_CLASSES + 1)
     fractions.append(counts[main + 1] / size**2)
     # Its box lies around the centre: crops of most of the image keep it.
     centre = (ex["boxes"][0][:2] + ex["boxes"][0][2:]) / 2
@@ -146,17 +147,17 @@ def test_deterministic_across_data_dirs_and_distinct_across_indices(
     prepared, tmp_path):
   _, _, examples = prepared
   again = _prepare_offline(tmp_path / "other")
-  for split in builtin.SPLITS:
+  for split in scenes.SPLITS:
     for a, b in zip(examples[split], _read(again, split), strict=True):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   # The stored example is the generator's output for (split, index).
-  direct = builtin.generate_example("test", 3, SIZE)
+  direct = scenes.generate_example("test", 3, SIZE)
   for key, value in direct.items():
     np.testing.assert_array_equal(examples["test"][3][key], value, key)
   # Different indices, and the two splits, give different images.
   digests = {hashlib.sha256(ex["image"].tobytes()).hexdigest()
-             for split in builtin.SPLITS for ex in examples[split]}
+             for split in scenes.SPLITS for ex in examples[split]}
   assert len(digests) == NUM_TRAIN + NUM_TEST
 
 
@@ -164,7 +165,7 @@ def _object_colours(num_examples: int) -> tuple[np.ndarray, np.ndarray]:
   """Mean RGB of every visible object and its class, from generated data."""
   colours, classes = [], []
   for index in range(num_examples):
-    ex = builtin.generate_example("train", index, SIZE)
+    ex = scenes.generate_example("train", index, SIZE)
     mask = ex["mask"][..., 0]
     for c in ex["box_labels"]:
       colours.append(ex["image"][mask == c + 1].mean(axis=0))
@@ -176,7 +177,7 @@ def _nearest_mean_accuracy(colours: np.ndarray, classes: np.ndarray) -> float:
   """Held-out accuracy of a nearest-class-mean classifier on colours."""
   half = len(colours) // 2
   means = np.stack([colours[:half][classes[:half] == c].mean(axis=0)
-                    for c in range(builtin.NUM_CLASSES)])
+                    for c in range(scenes.NUM_CLASSES)])
   dist = ((colours[half:, None, :] - means[None]) ** 2).sum(-1)
   return float(np.mean(np.argmin(dist, axis=1) == classes[half:]))
 
@@ -184,15 +185,15 @@ def _nearest_mean_accuracy(colours: np.ndarray, classes: np.ndarray) -> float:
 def test_colour_does_not_predict_class():
   colours, classes = _object_colours(400)
   assert np.bincount(classes).min() >= 50
-  chance = 1 / builtin.NUM_CLASSES
+  chance = 1 / scenes.NUM_CLASSES
   assert _nearest_mean_accuracy(colours, classes) < chance + 0.12
   # Control: the same classifier does find colour tied to class.
-  palette = np.random.default_rng(0).uniform(0, 255, (builtin.NUM_CLASSES, 3))
+  palette = np.random.default_rng(0).uniform(0, 255, (scenes.NUM_CLASSES, 3))
   tied = palette[classes] + np.random.default_rng(1).normal(
       0, 20, colours.shape)
   assert _nearest_mean_accuracy(tied, classes) > 0.9
   # And every class comes in many hues (sextants of the hue circle).
-  for c in range(builtin.NUM_CLASSES):
+  for c in range(scenes.NUM_CLASSES):
     hues = {int(colorsys.rgb_to_hsv(*(rgb / 255))[0] * 6) % 6
             for rgb in colours[classes == c]}
     assert len(hues) >= 5, (builtin.CLASS_NAMES[c], hues)
@@ -203,12 +204,12 @@ def test_every_class_appears_and_labels_are_balanced(prepared):
   seen = set()
   for ex in examples["train"]:
     seen.update(np.flatnonzero(ex["labels"]).tolist())
-  assert seen == set(range(builtin.NUM_CLASSES))
+  assert seen == set(range(scenes.NUM_CLASSES))
   # `label` (the largest object) is roughly uniform: shapes have equal areas.
-  labels = [builtin.generate_example("train", i, SIZE)["label"]
+  labels = [scenes.generate_example("train", i, SIZE)["label"]
             for i in range(600)]
-  counts = np.bincount(labels, minlength=builtin.NUM_CLASSES)
-  expected = len(labels) / builtin.NUM_CLASSES
+  counts = np.bincount(labels, minlength=scenes.NUM_CLASSES)
+  expected = len(labels) / scenes.NUM_CLASSES
   assert counts.min() > 0.5 * expected and counts.max() < 1.5 * expected
 
 
@@ -219,7 +220,7 @@ def test_second_prepare_is_a_no_op(prepared, monkeypatch):
   def must_not_run(*args, **kwargs):
     raise AssertionError("the dataset was generated again")
 
-  monkeypatch.setattr(builtin, "generate_example", must_not_run)
+  monkeypatch.setattr(scenes, "generate_example", must_not_run)
   start = time.perf_counter()
   b = _prepare_offline(data_dir)
   assert time.perf_counter() - start < 5.0
@@ -242,4 +243,4 @@ def test_config_names_and_cache_dirs(tmp_path):
   with pytest.raises(ValueError):
     builtin.builder(8, 10, 5, data_dir=str(tmp_path))
   with pytest.raises(ValueError):
-    builtin.generate_example("validation", 0)
+    scenes.generate_example("validation", 0)

@@ -22,6 +22,8 @@ import pytest
 
 from configs import detco
 from detco_jax import export
+from detco_jax.export import names
+from detco_jax.export import torch_format
 from detco_jax import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +109,7 @@ def resnet50():
 
 @pytest.fixture(scope="module")
 def resnet50_state_dict(resnet50):
-  return export.torchvision_state_dict(resnet50[1])
+  return names.torchvision_state_dict(resnet50[1])
 
 
 def test_resnet50_names_and_shapes_match_torchvision(resnet50_state_dict):
@@ -159,17 +161,17 @@ def test_layout_of_convs_and_batch_norm(resnet50, resnet50_state_dict):
 def test_rejects_other_trees(resnet50):
   _, variables = resnet50
   with pytest.raises(ValueError, match="params"):
-    export.torchvision_state_dict({"params": variables["params"]})
+    names.torchvision_state_dict({"params": variables["params"]})
   encoder = {c: {"backbone": v} for c, v in variables.items()}
   with pytest.raises(ValueError, match="not a module"):
-    export.torchvision_state_dict(encoder)
+    names.torchvision_state_dict(encoder)
 
 
 def test_torch_file_format_without_torch(resnet50_state_dict, tmp_path):
   sd = resnet50_state_dict
   path = tmp_path / "r50.pth"
-  path.write_bytes(export.torch_bytes(sd, "r50"))
-  back = export.read_torch_file(str(path))
+  path.write_bytes(torch_format.torch_bytes(sd, "r50"))
+  back = torch_format.read_torch_file(str(path))
   assert list(back) == list(sd)
   for k, v in sd.items():
     assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
@@ -201,7 +203,7 @@ def test_torch_file_format_without_torch(resnet50_state_dict, tmp_path):
 
 def test_detectron2_checkpoint(resnet50_state_dict, tmp_path):
   sd = resnet50_state_dict
-  ckpt = export.detectron2_checkpoint(sd)
+  ckpt = names.detectron2_checkpoint(sd)
   assert set(ckpt) == {"model", "__author__", "matching_heuristics"}
   assert ckpt["__author__"] == "detco_jax"
   assert ckpt["matching_heuristics"] is True
@@ -218,7 +220,7 @@ def test_detectron2_checkpoint(resnet50_state_dict, tmp_path):
       "layer4.2.bn2.weight": "res5.2.conv2.norm.weight",
   }
   for old, new in renames.items():
-    assert export.detectron2_name(old) == new
+    assert names.detectron2_name(old) == new
     np.testing.assert_array_equal(model[new], sd[old])
   for name, value in model.items():
     assert name.split(".")[0] in ("stem", "res2", "res3", "res4", "res5")
@@ -249,8 +251,8 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path, caplog):
   assert proc.returncode == 0, proc.stderr[-3000:]
   step3 = pretrained.load(workdir, step=3)
   assert step3.step == 3
-  expected = export.torchvision_state_dict(step3.variables)
-  back = export.read_torch_file(str(out))
+  expected = names.torchvision_state_dict(step3.variables)
+  back = torch_format.read_torch_file(str(out))
   assert list(back) == list(expected)
   for k, v in expected.items():
     np.testing.assert_array_equal(back[k], v)
@@ -260,7 +262,7 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path, caplog):
   summary = export.run(workdir, "detectron2", str(out))
   assert summary["step"] == 6
   assert "cifar" in caplog.text  # The stem warning.
-  latest = export.torchvision_state_dict(pretrained.load(workdir).variables)
+  latest = names.torchvision_state_dict(pretrained.load(workdir).variables)
   with open(out, "rb") as f:
     ckpt = pickle.load(f)
   assert ckpt["__author__"] == "detco_jax"
@@ -268,7 +270,7 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path, caplog):
   assert summary["tensors"] == len(ckpt["model"]) == len(latest) - bns
   for k, v in latest.items():
     if not k.endswith("num_batches_tracked"):
-      np.testing.assert_array_equal(ckpt["model"][export.detectron2_name(k)],
+      np.testing.assert_array_equal(ckpt["model"][names.detectron2_name(k)],
                                     v)
   # --step was honoured: training moved the weights between 3 and 6.
   assert not np.array_equal(latest["conv1.weight"], expected["conv1.weight"])
@@ -331,7 +333,7 @@ def test_torch_load_reads_the_export(resnet50_state_dict, tmp_path):
   torch = pytest.importorskip("torch")
   sd = resnet50_state_dict
   path = tmp_path / "resnet50.pth"
-  path.write_bytes(export.torch_bytes(sd, "resnet50"))
+  path.write_bytes(torch_format.torch_bytes(sd, "resnet50"))
   for kwargs in ({}, {"mmap": True}):
     loaded = torch.load(str(path), weights_only=True, **kwargs)
     assert type(loaded) is collections.OrderedDict

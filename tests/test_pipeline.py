@@ -120,6 +120,16 @@ def test_deterministic_and_seed_dependent(tmp_path):
   assert not np.array_equal(first[0]["local"], other[0]["local"])
 
 
+def test_seed_tags_are_distinct_and_unchanged():
+  # `__members__` keeps aliases, which an enum makes of repeated values.
+  tags = pipeline.SeedTag.__members__
+  assert len({int(t) for t in tags.values()}) == len(tags)
+  # The values are part of every stream's data.
+  assert {name: int(t) for name, t in tags.items()} == {
+      "PRETRAIN_ORDER": 1, "PRETRAIN_VIEWS": 2, "PROBE_ORDER": 3,
+      "PROBE_VIEWS": 4, "DENSE_ORDER": 5, "DENSE_VIEWS": 6}
+
+
 def test_views_differ_across_processes(tmp_path):
   # Two copies of one image: each process reads one, so only the per-process
   # view seeds can make their views differ.

@@ -39,6 +39,7 @@ are dropped (never duplicated) and the padding grows to match.
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -49,14 +50,29 @@ from detco_jax.data import views as views_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-# Stream tags, mixed into seed keys so that no two streams share randomness.
-_PRETRAIN_ORDER = 1
-_PRETRAIN_VIEWS = 2
-_PROBE_ORDER = 3
-_PROBE_VIEWS = 4
 
-# Element key of the per-slot corrupt-record count; consumed by the iterator.
-_CORRUPT = "corrupt"
+@enum.unique
+class SeedTag(enum.IntEnum):
+  """The stream tags: one table, so that no two streams share randomness.
+
+  A stream's seed keys are `seed_key(config.seed, [process_index,] tag)`.
+  Every stream of the code base (the pipeline's, `segmentation`'s) takes its
+  tags from here, and `enum.unique` refuses a repeated value at import, so
+  two streams cannot share a tag by accident. The values are part of every
+  stream's data: changing one changes that stream.
+  """
+  PRETRAIN_ORDER = 1  # Per-epoch record order of pretraining.
+  PRETRAIN_VIEWS = 2  # DetCo views of each pretraining slot.
+  PROBE_ORDER = 3     # Per-epoch record order of the linear probe.
+  PROBE_VIEWS = 4     # Linear-probe training views.
+  DENSE_ORDER = 5     # Per-epoch record order of the dense probe.
+  DENSE_VIEWS = 6     # Dense-probe training views (image + mask).
+
+
+# Element key of the per-slot count of corrupt records, which the streams
+# carry and `InputIterator` strips and sums ("Corrupt images" in the module
+# docstring).
+CORRUPT = "corrupt"
 
 
 class InputIterator(Iterator[dict[str, np.ndarray]]):
@@ -89,21 +105,41 @@ class InputIterator(Iterator[dict[str, np.ndarray]]):
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
-    self._num_corrupt += int(batch.pop(_CORRUPT).sum())
+    self._num_corrupt += int(batch.pop(CORRUPT).sum())
     return batch
 
 
-def _seed_key(*parts: int) -> int:
-  """A 63-bit key mixing integers; stable across runs, processes, machines."""
+def seed_key(*parts: int) -> int:
+  """A 63-bit key mixing integers; stable across runs, processes, machines.
+
+  Args:
+    *parts: non-negative ints, e.g. `config.seed`, a process index and a
+      `SeedTag`.
+
+  Returns:
+    The key, a Python int in [0, 2**63).
+  """
   words = [int(p) % 2**32 for p in parts] + [int(p) // 2**32 % 2**32
                                              for p in parts]
   state = np.random.SeedSequence(words).generate_state(2, np.uint32)
   return int(state[0]) << 31 | int(state[1]) >> 1
 
 
-def _per_process_batch(batch_size: int, process_count: int,
-                       name: str = "batch_size") -> int:
-  """The per-process batch; raises unless the global batch splits evenly."""
+def per_process_batch(batch_size: int, process_count: int,
+                      name: str = "batch_size") -> int:
+  """The per-process batch; raises unless the global batch splits evenly.
+
+  Args:
+    batch_size: the GLOBAL batch size.
+    process_count: number of processes.
+    name: what the error message calls `batch_size` (e.g. a config field).
+
+  Returns:
+    `batch_size // process_count`.
+
+  Raises:
+    ValueError: `batch_size` is not a positive multiple of `process_count`.
+  """
   if batch_size < 1 or batch_size % process_count:
     raise ValueError(
         f"{name} ({batch_size}) must be a positive multiple of the number of "
@@ -123,15 +159,24 @@ def _options(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.with_options(options)
 
 
-def _batched(ds: tf.data.Dataset, batch: int, config: Any) -> tf.data.Dataset:
-  """Whole batches of `batch`, prefetched, with the pipeline options."""
+def batched(ds: tf.data.Dataset, batch: int, config: Any) -> tf.data.Dataset:
+  """Whole batches of `batch`, prefetched, with the pipeline options.
+
+  Args:
+    ds: a stream of examples.
+    batch: this process's batch size; a last partial batch is dropped.
+    config: the experiment config (`data.prefetch`, default 2 batches).
+
+  Returns:
+    The batched, prefetched, deterministic dataset.
+  """
   ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=AUTOTUNE,
                 deterministic=True)
   return _options(ds.prefetch(int(config.data.get("prefetch", 2))))
 
 
-def _slot_stream(source: sources.Source, *, order_key: int,
-                 start_position: int) -> tf.data.Dataset:
+def slot_stream(source: sources.Source, *, order_key: int,
+                start_position: int) -> tf.data.Dataset:
   """The infinite stream of decoded examples, one per record slot.
 
   Args:
@@ -172,7 +217,7 @@ def _fill_corrupt_slots(decoded: tf.data.Dataset,
     start_position: position of the first slot.
 
   Returns:
-    One element per slot, see `_slot_stream`.
+    One element per slot, see `slot_stream`.
   """
 
   def count_gap(previous: tf.Tensor, example: dict[str, tf.Tensor]):
@@ -186,7 +231,7 @@ def _fill_corrupt_slots(decoded: tf.data.Dataset,
     def slot(j: tf.Tensor) -> dict[str, tf.Tensor]:
       corrupt = tf.where(j == 0, slots - 1, 0)
       return {"image": example["image"], "label": example["label"],
-              "position": first + j, _CORRUPT: tf.cast(corrupt, tf.int32)}
+              "position": first + j, CORRUPT: tf.cast(corrupt, tf.int32)}
 
     return tf.data.Dataset.range(slots).map(slot)
 
@@ -194,7 +239,16 @@ def _fill_corrupt_slots(decoded: tf.data.Dataset,
   return counted.flat_map(expand)
 
 
-def _view_seed(key: int, position: tf.Tensor) -> tf.Tensor:
+def view_seed(key: int, position: tf.Tensor) -> tf.Tensor:
+  """The stateless seed of one slot's views.
+
+  Args:
+    key: the stream's view key (`seed_key(seed, process_index, tag)`).
+    position: the slot, int64 scalar.
+
+  Returns:
+    int64 [2], for `tf.random.stateless_*` and the `views` functions.
+  """
   return tf.stack([tf.constant(key, tf.int64), position])
 
 
@@ -213,25 +267,25 @@ def _pretrain(config: Any, process_index: int, process_count: int,
   """The pretraining dataset and its source; see `make_pretrain_iterator`."""
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  batch = _per_process_batch(config.batch_size, process_count,
-                             "config.batch_size")
+  batch = per_process_batch(config.batch_size, process_count,
+                            "config.batch_size")
   spec = views_lib.ViewSpec.from_config(config.views)
   with_local = bool((config.get("loss") or {}).get("global_local", True))
   source = _open_train_source(config, config.data.train_split, process_index,
                               process_count)
-  stream = _slot_stream(source,
-                        order_key=_seed_key(config.seed, _PRETRAIN_ORDER),
-                        start_position=start_step * batch)
-  view_key = _seed_key(config.seed, process_index, _PRETRAIN_VIEWS)
+  stream = slot_stream(
+      source, order_key=seed_key(config.seed, SeedTag.PRETRAIN_ORDER),
+      start_position=start_step * batch)
+  view_key = seed_key(config.seed, process_index, SeedTag.PRETRAIN_VIEWS)
 
   def make_views(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    seed = _view_seed(view_key, example["position"])
+    seed = view_seed(view_key, example["position"])
     out = views_lib.detco_views(example["image"], seed, spec, with_local)
-    out[_CORRUPT] = example[_CORRUPT]
+    out[CORRUPT] = example[CORRUPT]
     return out
 
   ds = stream.map(make_views, num_parallel_calls=AUTOTUNE, deterministic=True)
-  return _batched(ds, batch, config), source
+  return batched(ds, batch, config), source
 
 
 def make_pretrain_dataset(config: Any, *, process_index: Optional[int] = None,
@@ -328,7 +382,7 @@ def make_eval_iterator(config: Any, split: str, *, train: bool,
   """
   process_index, process_count = sources.resolve_processes(
       process_index, process_count)
-  batch = _per_process_batch(batch_size, process_count)
+  batch = per_process_batch(batch_size, process_count)
   crop, resize = eval_sizes(config)
   if train:
     if start_step < 0:
@@ -336,7 +390,7 @@ def make_eval_iterator(config: Any, split: str, *, train: bool,
     source = _open_train_source(config, split, process_index, process_count)
     ds = _probe_train_stream(source, config, crop, process_index,
                              start_step * batch)
-    return InputIterator(_batched(ds, batch, config), batch_size=batch,
+    return InputIterator(batched(ds, batch, config), batch_size=batch,
                          num_examples=source.num_examples)
   source = sources.open_source(config.data, split,
                                process_index=process_index,
@@ -386,17 +440,18 @@ def _probe_train_stream(source: sources.Source, config: Any, crop: int,
                         process_index: int,
                         start_position: int) -> tf.data.Dataset:
   """Infinite probe training examples {"image", "label", "corrupt"}."""
-  stream = _slot_stream(source, order_key=_seed_key(config.seed, _PROBE_ORDER),
-                        start_position=start_position)
-  view_key = _seed_key(config.seed, process_index, _PROBE_VIEWS)
+  stream = slot_stream(
+      source, order_key=seed_key(config.seed, SeedTag.PROBE_ORDER),
+      start_position=start_position)
+  view_key = seed_key(config.seed, process_index, SeedTag.PROBE_VIEWS)
   flip_prob = float(config.views.get("flip_prob", 0.5))
 
   def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = views_lib.random_resized_crop(
-        example["image"], _view_seed(view_key, example["position"]), crop,
+        example["image"], view_seed(view_key, example["position"]), crop,
         flip_prob=flip_prob)
     return {"image": image, "label": example["label"],
-            _CORRUPT: example[_CORRUPT]}
+            CORRUPT: example[CORRUPT]}
 
   return stream.map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True)
 
@@ -425,8 +480,8 @@ def _padded_stream(source: sources.Source, make_view: Any,
 
   def count_gap(previous: tf.Tensor, example: dict[str, tf.Tensor]):
     position = example.pop("position")
-    example[_CORRUPT] = tf.cast(tf.maximum(position - previous - 1, 0),
-                                tf.int32)
+    example[CORRUPT] = tf.cast(tf.maximum(position - previous - 1, 0),
+                               tf.int32)
     return tf.maximum(previous, position), example
 
   return real.concatenate(padding).scan(tf.constant(-1, tf.int64), count_gap)

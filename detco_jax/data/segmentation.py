@@ -42,23 +42,9 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Mask value of pixels that count for nothing (padding, unlabelled).
 IGNORE = 255
 
-# Stream tags of the dense probe, distinct from the pipeline's (1..4).
-_DENSE_ORDER = 5
-_DENSE_VIEWS = 6
-# Sub-seed tag of the flip (the crop uses `views`' own sub-seeding).
+# Sub-seed tag of the flip, folded into a view's seed (the crop draws from
+# the view's seed itself). The streams' tags are `pipeline.SeedTag`.
 _FLIP_TAG = 7
-
-# The pipeline's and views' internals, shared on purpose: the same slot
-# stream, seeding, batching and resampling as the classification probe.
-# pylint: disable=protected-access
-_CORRUPT = pipeline._CORRUPT
-_batched = pipeline._batched
-_per_process_batch = pipeline._per_process_batch
-_seed_key = pipeline._seed_key
-_slot_stream = pipeline._slot_stream
-_crop_resize_flip = views_lib._crop_resize_flip
-_builder = sources._builder
-# pylint: enable=protected-access
 
 
 def remap_mask(raw: tf.Tensor, offset: int, num_classes: int) -> tf.Tensor:
@@ -113,7 +99,7 @@ def open_mask_source(config_data: Any, split: str, *,
                                process_index=process_index,
                                process_count=process_count,
                                drop_remainder=drop_remainder)
-  spec = _builder(config_data).info.features.tf_example_spec
+  spec = sources.tfds_builder(config_data).info.features.tf_example_spec
   image_key, mask_key = config_data.image_key, config_data.mask_key
   if mask_key not in spec:
     raise sources.DatasetUnavailableError(
@@ -165,7 +151,7 @@ def random_view(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
   crop = views_lib.sample_crops(seed, tf.shape(image), 1, area, ratio)[0]
   flip = tf.random.stateless_uniform(
       [], tf.random.experimental.stateless_fold_in(seed, _FLIP_TAG)) < flip_prob
-  view = _crop_resize_flip(image, crop, flip, size)
+  view = views_lib.crop_resize_flip(image, crop, flip, size)
   window = mask[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]]
   labels = tf.image.resize(window, [size, size], method="nearest")
   labels = tf.cond(flip, lambda: tf.reverse(labels, axis=[1]), lambda: labels)
@@ -219,28 +205,29 @@ def make_train_iterator(config: Any, *, process_index: Optional[int] = None,
   """
   process_index, process_count = sources.resolve_processes(
       process_index, process_count)
-  batch = _per_process_batch(config.batch_size, process_count,
-                             "config.batch_size")
+  batch = pipeline.per_process_batch(config.batch_size, process_count,
+                                     "config.batch_size")
   source = open_mask_source(config.data, config.data.train_split,
                             process_index=process_index,
                             process_count=process_count, drop_remainder=True)
   source.check_decodable()
-  stream = _slot_stream(source,
-                        order_key=_seed_key(config.seed, _DENSE_ORDER),
-                        start_position=start_step * batch)
-  view_key = _seed_key(config.seed, process_index, _DENSE_VIEWS)
+  tags = pipeline.SeedTag
+  stream = pipeline.slot_stream(
+      source, order_key=pipeline.seed_key(config.seed, tags.DENSE_ORDER),
+      start_position=start_step * batch)
+  view_key = pipeline.seed_key(config.seed, process_index, tags.DENSE_VIEWS)
   v = config.views
 
   def make_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    seed = tf.stack([tf.constant(view_key, tf.int64), example["position"]])
+    seed = pipeline.view_seed(view_key, example["position"])
     image, mask = random_view(example["image"], example["label"], seed,
                               v.crop_size, tuple(v.area), tuple(v.ratio),
                               float(v.flip_prob))
     return {"image": image, "mask": mask,
-            _CORRUPT: example[_CORRUPT]}
+            pipeline.CORRUPT: example[pipeline.CORRUPT]}
 
   ds = stream.map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True)
-  return pipeline.InputIterator(_batched(ds, batch, config),
+  return pipeline.InputIterator(pipeline.batched(ds, batch, config),
                                 batch_size=batch,
                                 num_examples=source.num_examples)
 
@@ -264,7 +251,7 @@ def make_test_iterator(config: Any, *, batch_size: int,
   """
   process_index, process_count = sources.resolve_processes(
       process_index, process_count)
-  batch = _per_process_batch(batch_size, process_count)
+  batch = pipeline.per_process_batch(batch_size, process_count)
   source = open_mask_source(config.data, config.data.eval_split,
                             process_index=process_index,
                             process_count=process_count, drop_remainder=False)

@@ -218,7 +218,7 @@ def open_source(config_data: Any, split: str, *,
                             drop_remainder)
   else:
     source = _tfds_source(
-        name, _builder(config_data), split,
+        name, tfds_builder(config_data), split,
         image_key=config_data.get("image_key", "image"),
         label_key=config_data.get("label_key", "label"),
         process_index=process_index, process_count=process_count,
@@ -245,7 +245,7 @@ def prepare_builtin(config_data: Any) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1 or jax.process_index() == 0:
-    _builder(config_data)
+    tfds_builder(config_data)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("detco_jax: built-in dataset ready")
 
@@ -263,7 +263,7 @@ def num_examples(config_data: Any, split: str) -> int:
   name = config_data.dataset
   if name.startswith(FOLDER_PREFIX):
     return len(_list_folder(_folder_dir(name, split))[0])
-  builder = _builder(config_data)
+  builder = tfds_builder(config_data)
   return _split_info(name, builder, split).num_examples
 
 
@@ -281,7 +281,7 @@ def num_classes(config_data: Any) -> int:
   if name.startswith(FOLDER_PREFIX):
     split = config_data.get("train_split", "train")
     return len(_list_folder(_folder_dir(name, split))[2])
-  features = _builder(config_data).info.features
+  features = tfds_builder(config_data).info.features
   return _num_classes(features, config_data.get("label_key", "label"))
 
 
@@ -289,8 +289,14 @@ def num_classes(config_data: Any) -> int:
 # TFDS.
 
 
-def _builder(config_data: Any) -> tfds.core.DatasetBuilder:
+def tfds_builder(config_data: Any) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder of `config.data.dataset` (built-in: made now).
+
+  Args:
+    config_data: the `config.data` section (dataset, data_dir, builtin_*).
+
+  Returns:
+    The builder, prepared: its `info` (features, splits) can be read.
 
   Raises:
     DatasetUnavailableError: unknown or unprepared dataset.

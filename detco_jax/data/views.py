@@ -255,8 +255,8 @@ def _resample(image: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
 # DetCo views.
 
 
-def _crop_resize_flip(image: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor,
-                      size: int) -> tf.Tensor:
+def crop_resize_flip(image: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor,
+                     size: int) -> tf.Tensor:
   """One RandomResizedCrop view: slice, bilinear resize, optional flip.
 
   Args:
@@ -295,7 +295,7 @@ def global_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
                        spec.global_area, spec.global_ratio)
   flips = _flips(_sub_seed(seed, _FLIP_SEED), num, spec.flip_prob)
   return tf.stack([
-      _crop_resize_flip(image, crops[i], flips[i], spec.global_size)
+      crop_resize_flip(image, crops[i], flips[i], spec.global_size)
       for i in range(num)
   ])
 
@@ -414,7 +414,7 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
   crops = sample_crops(_sub_seed(seed, _CROP_SEED), tf.shape(image), 1, area,
                        ratio)
   flips = _flips(_sub_seed(seed, _FLIP_SEED), 1, flip_prob)
-  return _crop_resize_flip(image, crops[0], flips[0], size)
+  return crop_resize_flip(image, crops[0], flips[0], size)
 
 
 def center_crop(image: tf.Tensor, resize: int, crop: int) -> tf.Tensor:

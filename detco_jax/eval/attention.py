@@ -34,6 +34,9 @@ Written to `--out` (process 0 only; every process may run the command):
     channel means before upsampling and normalisation).
 """
 
+from detco_jax import cli  # First: it quiets TensorFlow's import.
+
+# pylint: disable=g-import-not-at-top,wrong-import-order
 import copy
 import dataclasses
 import io
@@ -44,17 +47,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 from clu import metric_writers
 from etils import epath
 from PIL import Image
-from PIL import ImageDraw
-from PIL import ImageFont
 
-from detco_jax import distributed
 from detco_jax import pretrained
+from detco_jax import visualize
 from detco_jax.data import pipeline
 from detco_jax.eval import features
 
@@ -63,9 +63,6 @@ Array = jax.Array
 STAGES = ("res2", "res3", "res4", "res5")
 # A run whose workdir is one of these is a random initialisation.
 RANDOM_WORKDIRS = ("random", "random_init")
-GAP_PX = 2        # White lines between tiles.
-HEADER_PX = 28    # The header row: two lines of the default font.
-MIN_TILE_PX = 96  # Small images are enlarged (integer factor) to this.
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -231,115 +228,6 @@ def load_images(config: ml_collections.ConfigDict, split: str | None,
 
 
 # ----------------------------------------------------------------------------
-# Pictures.
-
-
-def colormap(x: np.ndarray) -> np.ndarray:
-  """The "jet" colour map: values in [0, 1] -> uint8 RGB (blue to red)."""
-  x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)[..., None]
-  centres = np.array([0.75, 0.5, 0.25], np.float32)  # R, G, B peaks.
-  rgb = np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
-  return np.round(rgb * 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, amap: np.ndarray,
-            alpha: float = 0.5) -> np.ndarray:
-  """A heat map over an image: uint8 [H, W, 3] and [H, W] -> uint8 RGB.
-
-  Args:
-    image: the image.
-    amap: the map, values in [0, 1].
-    alpha: the heat map's opacity (1: the heat map alone).
-
-  Returns:
-    The blend.
-  """
-  blend = ((1 - alpha) * image.astype(np.float32)
-           + alpha * colormap(amap).astype(np.float32))
-  return np.round(blend).astype(np.uint8)
-
-
-def tile_size(image_size: int) -> int:
-  """Tile side: the image side times the least integer reaching MIN_TILE_PX."""
-  return image_size * max(1, -(-MIN_TILE_PX // image_size))
-
-
-def _resized(tile: np.ndarray, side: int) -> np.ndarray:
-  if tile.shape[0] == side and tile.shape[1] == side:
-    return tile
-  return np.asarray(Image.fromarray(tile).resize((side, side),
-                                                 Image.Resampling.BILINEAR))
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
-  """`text`, cut short with ".." if it is wider than `width` px."""
-  if draw.textlength(text, font=font) <= width:
-    return text
-  while text and draw.textlength(text + "..", font=font) > width:
-    text = text[:-1]
-  return text + ".."
-
-
-def _header(columns: Sequence[tuple[str, str]], side: int) -> Image.Image:
-  """The header row: two text lines per column; the scale over column 0."""
-  width = len(columns) * (side + GAP_PX) - GAP_PX
-  header = Image.new("RGB", (width, HEADER_PX), "white")
-  draw = ImageDraw.Draw(header)
-  font = ImageFont.load_default()
-  for i, (top, bottom) in enumerate(columns):
-    x = i * (side + GAP_PX)
-    draw.text((x + 2, 1), _fit(draw, top, side - 4, font), fill="black",
-              font=font)
-    draw.text((x + 2, 14), _fit(draw, bottom, side - 4, font), fill="black",
-              font=font)
-  # The colour scale, under the image column's title: "0 [bar] 1".
-  bar = colormap(np.linspace(0, 1, max(side - 24, 2))[None].repeat(8, 0))
-  header.paste(Image.fromarray(bar), (12, 16))
-  draw.text((2, 14), "0", fill="black", font=font)
-  draw.text((side - 10, 14), "1", fill="black", font=font)
-  return header
-
-
-def grid(images: np.ndarray, runs: dict[str, dict[str, np.ndarray]],
-         alpha: float = 0.5, side: int | None = None) -> np.ndarray:
-  """The picture: rows = images; columns = the image, then each run's maps.
-
-  Args:
-    images: uint8 [N, S, S, 3].
-    runs: {label: {stage: [N, S, S] maps in [0, 1]}}, in column order.
-    alpha: the heat maps' opacity over the image.
-    side: tile side in px; default `tile_size(S)`.
-
-  Returns:
-    uint8 [HEADER_PX + N * (side + GAP_PX) - GAP_PX,
-           cols * (side + GAP_PX) - GAP_PX, 3], cols = 1 + runs * stages.
-  """
-  side = side or tile_size(images.shape[1])
-  columns = [("image", "")] + [(label, stage) for label, maps in runs.items()
-                               for stage in maps]
-  rows = []
-  for i, image in enumerate(images):
-    tiles = [image] + [overlay(image, maps[stage][i], alpha)
-                       for maps in runs.values() for stage in maps]
-    rows.append(_stack([_resized(t, side) for t in tiles], axis=1))
-  body = _stack(rows, axis=0)
-  return np.concatenate(
-      [np.asarray(_header(columns, side)),
-       np.full((GAP_PX, body.shape[1], 3), 255, np.uint8), body], axis=0)
-
-
-def _stack(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
-  """Concatenates with GAP_PX white lines between the parts."""
-  shape = list(parts[0].shape)
-  shape[axis] = GAP_PX
-  gap = np.full(shape, 255, np.uint8)
-  out = [parts[0]]
-  for part in parts[1:]:
-    out += [gap, part]
-  return np.concatenate(out, axis=axis)
-
-
-# ----------------------------------------------------------------------------
 # Outputs.
 
 
@@ -358,10 +246,10 @@ def write_outputs(out: str, images: np.ndarray, image_labels: np.ndarray,
   """
   out_dir = epath.Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  pictures = {"all": grid(images, {k: r["maps"] for k, r in results.items()},
-                          alpha)}
+  pictures = {"all": visualize.grid(
+      images, {k: r["maps"] for k, r in results.items()}, alpha)}
   for label, result in results.items():
-    pictures[label] = grid(images, {label: result["maps"]}, alpha)
+    pictures[label] = visualize.grid(images, {label: result["maps"]}, alpha)
   for name, picture in pictures.items():
     filename = "attention.png" if name == "all" else f"attention_{name}.png"
     buffer = io.BytesIO()
@@ -449,16 +337,12 @@ def _define_flags() -> None:
   flags.DEFINE_float("alpha", 0.5, "Opacity of the heat maps.")
 
 
-def main(argv: Sequence[str]) -> None:
+def main() -> None:
   """Runs the job with the command-line flags."""
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize()
   f = flags.FLAGS
   run(f.run, f.out, num_images=f.num_images, split=f.split,
       data_dir=f.data_dir, step=f.step, p=f.p, seed=f.seed, alpha=f.alpha)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

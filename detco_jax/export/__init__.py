@@ -1,0 +1,129 @@
+r"""Exports a pretrained backbone for torchvision or detectron2.
+
+  python -m detco_jax.export --workdir=PRETRAIN_WORKDIR [--step=N] \
+      --format={torchvision,detectron2} --out=FILE
+
+writes the query encoder's ResNet of a pretraining checkpoint (the latest
+complete one unless `--step` is given):
+
+* `torchvision`: a file that `torch.load(FILE, weights_only=True)` reads as
+  an `OrderedDict` of tensors named and laid out like torchvision's ResNet
+  (`conv1.weight`, `bn1.running_var`, `layer2.0.downsample.0.weight`, ...;
+  no `fc.*`), so that
+
+    model = torchvision.models.resnet50()
+    model.load_state_dict(torch.load(FILE, weights_only=True), strict=False)
+
+  leaves only `fc.weight` and `fc.bias` missing. It is written in torch's
+  own zip serialisation format without importing torch, which this project
+  does not depend on.
+* `detectron2`: a pickle of `{"model": {name: np.ndarray}, "__author__":
+  "detco_jax", "matching_heuristics": True}` with detectron2's ResNet names
+  (`stem.conv1.norm.weight`, `res3.0.shortcut.weight`, ...), as MoCo's
+  `convert-pretrain-to-detectron2.py` makes them; give it a `.pkl` name
+  (detectron2 reads `.pkl` files as such) and use it as
+  `MODEL.WEIGHTS` with `MODEL.RESNETS.STRIDE_IN_1X1 False` (the stride of
+  a bottleneck is in its 3x3 conv, as in torchvision) and
+  `MODEL.PIXEL_MEAN`/`PIXEL_STD` of the pretraining normalisation (in
+  0..255 and RGB order, `INPUT.FORMAT "RGB"`), as for MoCo's weights.
+
+The weights expect images normalised as in pretraining (`config.aug.mean`
+and `std`; ImageNet's by default). A backbone with the "cifar" stem
+(3x3/1 conv1, no max-pool) exports under the same names, but torchvision's
+and detectron2's ResNets have the ImageNet stem (7x7/2 conv1 + max-pool):
+such a file loads only into a model whose stem was changed to match, and a
+warning says so. Likewise `model.width != 64` gives shapes that no stock
+torchvision ResNet has (torchvision's "wide" ResNets widen only the inner
+bottleneck convs).
+
+The export runs in a single process; on a multi-host job run it once, on
+one host that can read the workdir.
+
+Layout: `names` (the torchvision / detectron2 names and state dicts),
+`torch_format` (torch's file format, without torch); this package holds the
+job (`export`, `run`) and its command line (`python -m detco_jax.export`).
+"""
+
+import pickle
+import re
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+from detco_jax import pretrained
+from detco_jax.export import names
+from detco_jax.export import torch_format
+
+FORMATS = ("torchvision", "detectron2")
+
+
+# ----------------------------------------------------------------------------
+# Export.
+
+
+def export(backbone: pretrained.Backbone, fmt: str, out: str) -> dict[str, Any]:
+  """Writes `backbone` in `fmt` to `out`.
+
+  Args:
+    backbone: e.g. from `pretrained.load`.
+    fmt: "torchvision" or "detectron2".
+    out: the output file (local or gs://); its folder is created.
+
+  Returns:
+    What was written: {"format", "path", "tensors", "parameters", "step"}
+    ("parameters" counts the learned ones, not BN statistics).
+
+  Raises:
+    ValueError: for an unknown format.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
+  module = backbone.module
+  if module.stem != "imagenet":
+    logging.warning(
+        "The backbone has the %r stem (3x3/1 conv1, no max-pool) but "
+        "torchvision's and detectron2's ResNets have the ImageNet stem "
+        "(7x7/2 conv1 + max-pool): load the file into a model whose stem "
+        "matches, or conv1.weight will not fit.", module.stem)
+  state_dict = names.torchvision_state_dict(backbone.variables)
+  if fmt == "torchvision":
+    archive = re.sub(r"\W", "_", epath.Path(out).stem) or "archive"
+    data = torch_format.torch_bytes(state_dict, archive)
+    tensors = len(state_dict)
+  else:
+    checkpoint = names.detectron2_checkpoint(state_dict)
+    data = pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL)
+    tensors = len(checkpoint["model"])
+  path = epath.Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(data)
+  parameters = sum(
+      v.size for k, v in state_dict.items()
+      if k.endswith(".weight") or k.endswith(".bias"))
+  aug = backbone.config.get("aug", {})
+  logging.info(
+      "Wrote %s (%s, %d tensors, %d parameters) of ResNet-%d width %d "
+      "(%s, step %d). Inputs are normalised with mean %s, std %s.",
+      path, fmt, tensors, parameters, module.depth, module.width,
+      backbone.source, backbone.step, aug.get("mean"), aug.get("std"))
+  return {"format": fmt, "path": str(path), "tensors": tensors,
+          "parameters": int(parameters), "step": backbone.step}
+
+
+def run(workdir: str, fmt: str, out: str,
+        step: int | None = None) -> dict[str, Any]:
+  """Exports the query backbone of a pretraining checkpoint.
+
+  Args:
+    workdir: the pretraining run's directory.
+    fmt: "torchvision" or "detectron2".
+    out: the output file.
+    step: which checkpoint; None for the latest complete one.
+
+  Returns:
+    `export`'s summary.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
+  return export(pretrained.load(workdir, step), fmt, out)

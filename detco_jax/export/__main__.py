@@ -1,0 +1,36 @@
+"""`python -m detco_jax.export`: the export's command line (see the package).
+
+The flags are defined here, not on import of the package, so that importing
+`detco_jax.export` next to other jobs cannot clash on flag names.
+"""
+
+from detco_jax import cli  # First: it quiets TensorFlow's import.
+
+# pylint: disable=g-import-not-at-top,wrong-import-order
+from absl import flags
+
+from detco_jax import export
+
+# absl's --help prints the main module's docstring: the package's documents
+# the command.
+__doc__ = export.__doc__  # pylint: disable=redefined-builtin
+
+
+def define_flags() -> None:
+  """The export's flags."""
+  flags.DEFINE_string("workdir", None, "The pretraining run's --workdir.",
+                      required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
+  flags.DEFINE_enum("format", None, list(export.FORMATS), "Output format.",
+                    required=True)
+  flags.DEFINE_string("out", None, "Output file.", required=True)
+
+
+def main() -> None:
+  """Exports with the command-line flags."""
+  f = flags.FLAGS
+  export.run(f.workdir, f.format, f.out, f.step)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
