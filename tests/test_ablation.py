@@ -8,7 +8,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_script():
   spec = importlib.util.spec_from_file_location(
-      "ablation", os.path.join(REPO, "benchmarks", "ablation.py"))
+      "ablation", os.path.join(REPO, "experiments", "ablation.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

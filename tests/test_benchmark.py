@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detco_jax import benchmark
+from detco_jax.benchmark import train_step as benchmark
 from detco_jax import config_lib
 from detco_jax import sharding
 from detco_jax import step as step_lib

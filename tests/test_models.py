@@ -133,3 +133,28 @@ def test_encoder_outputs_and_unshared_heads():
   only_global = jax.eval_shape(
       lambda var, v: enc.apply(var, v, None, train=False), variables, views)
   assert only_global["local"] == {}
+
+
+def test_encoder_is_its_backbone_then_its_heads():
+  enc = detco.DetCoEncoder(depth=18, width=8, stem="cifar", bn_groups=2,
+                           local_hidden=32, embed_dim=16)
+  rng = np.random.default_rng(0)
+  views = jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
+  patches = jnp.asarray(rng.normal(size=(4, 9, 8, 8, 3)), jnp.float32)
+  variables = jax.jit(lambda v, p: enc.init(jax.random.key(0), v, p,
+                                            train=False))(views, patches)
+
+  @jax.jit
+  def both(var, v, p):
+    maps, patch_maps = enc.apply(var, v, p, False, method="stage_maps")
+    # The heads alone need no backbone parameters.
+    head_params = {k: x for k, x in var["params"].items() if k != "backbone"}
+    embedded = enc.apply({"params": head_params}, maps, patch_maps,
+                         method="heads")
+    return patch_maps, embedded, enc.apply(var, v, p, train=False)
+
+  patch_maps, embedded, called = both(variables, views, patches)
+  # The patches go through the backbone one by one.
+  assert patch_maps["res5"].shape[0] == 4 * 9
+  assert set(embedded["local"]) == set(resnet.STAGES)
+  jax.tree.map(np.testing.assert_array_equal, embedded, called)

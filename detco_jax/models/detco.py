@@ -3,6 +3,9 @@
 The same module is the query encoder (trained) and the key encoder (its
 parameters an EMA of the query's). It embeds a batch of whole views and a
 batch of 9-patch sets; the patches go through the same backbone one by one.
+`__call__` is `stage_maps` (the backbone) then `heads`; each is a method of
+its own so that either can be applied alone (the benchmark times the heads
+on given stage maps).
 """
 
 from typing import Any, Mapping, Sequence
@@ -15,6 +18,7 @@ from detco_jax.models import heads as heads_lib
 from detco_jax.models import resnet
 
 Embeddings = dict[str, dict[str, jax.Array]]
+StageMaps = dict[str, jax.Array]
 
 
 class DetCoEncoder(nn.Module):
@@ -68,19 +72,50 @@ class DetCoEncoder(nn.Module):
       `{"global": {stage: [B, D]}, "local": {stage: [B, D]}}` of unit
       vectors (float32); "local" is empty without patches.
     """
+    return self.heads(*self.stage_maps(views, patches, train))
+
+  def stage_maps(self, views: jax.Array, patches: jax.Array | None,
+                 train: bool) -> tuple[StageMaps, StageMaps | None]:
+    """The backbone's stage maps of the views and of every patch.
+
+    Args:
+      views: [B, H, W, 3] normalised global views.
+      patches: [B, 9, h, w, 3] normalised patch sets, or None.
+      train: batch statistics in BN (and running-average updates).
+
+    Returns:
+      (maps, patch_maps): `{stage: [B, h_s, w_s, C_s]}` of the views and
+      `{stage: [B * 9, ...]}` of the patches, one by one in set order
+      (None without patches).
+    """
     maps = self.backbone(views, train)
+    if patches is None:
+      return maps, None
+    b, p = patches.shape[:2]
+    return maps, self.backbone(
+        patches.reshape((b * p,) + patches.shape[2:]), train)
+
+  def heads(self, maps: StageMaps,
+            patch_maps: StageMaps | None) -> Embeddings:
+    """Embeds stage maps: a global head per stage, a jigsaw head per stage.
+
+    Args:
+      maps: `{stage: [B, h_s, w_s, C_s]}` of the global views.
+      patch_maps: `{stage: [B * 9, ...]}` of the patch sets, or None.
+
+    Returns:
+      As `__call__`.
+    """
     out = {"global": {s: self.global_heads[s](maps[s]) for s in self.stages},
            "local": {}}
-    if patches is not None:
+    if patch_maps is not None:
       if not self.use_local:
         raise ValueError("Patches given to an encoder built without jigsaw "
                          "heads (use_local=False).")
-      b, p = patches.shape[:2]
-      pmaps = self.backbone(patches.reshape((b * p,) + patches.shape[2:]),
-                            train)
-      out["local"] = {s: self.local_heads[s](pmaps[s]) for s in self.stages}
+      out["local"] = {s: self.local_heads[s](patch_maps[s])
+                      for s in self.stages}
     return out
 
-  def features(self, views: jax.Array) -> dict[str, jax.Array]:
+  def features(self, views: jax.Array) -> StageMaps:
     """The backbone's stage maps in evaluation mode (for probes)."""
     return self.backbone(views, train=False)

@@ -1,6 +1,6 @@
 r"""A supervised reference on the built-in dataset: how learnable is `label`?
 
-  python benchmarks/supervised_reference.py [--epochs=2] [--lr=0.1]
+  python experiments/supervised_reference.py [--epochs=2] [--lr=0.1]
 
 Trains the demo's backbone (ResNet-18 of width 16, small-image stem) end to
 end with a linear classifier on pooled res5 features, on `detco_shapes`'

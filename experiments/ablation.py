@@ -1,6 +1,6 @@
 r"""A small-scale reproduction of DetCo's ablation on the built-in dataset.
 
-  python benchmarks/ablation.py [--workdir=workdirs/ablation] [--seeds=0,1]
+  python experiments/ablation.py [--workdir=workdirs/ablation] [--seeds=0,1]
       [--scale=ablation]
 
 Pretrains four methods with equal budgets (`--scale` names the variant of
@@ -104,8 +104,8 @@ def probe(pretrained: str, workdir: str, seed: int,
   """
   lin = linear.run(linear_config(pretrained, seed, random_init),
                    os.path.join(workdir, "linear"))
-  den = dense.train_and_evaluate(dense_config(pretrained, seed, random_init),
-                                 os.path.join(workdir, "dense"))
+  den = dense.run(dense_config(pretrained, seed, random_init),
+                  os.path.join(workdir, "dense"))
   return {"linear_top1": {s: lin["stages"][s]["top1"] for s in STAGES},
           "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES}}
 
@@ -127,8 +127,7 @@ def run_all(workdir: str, seeds: list[int], scale: str) -> dict[str, Any]:
       start = time.time()
       run_dir = os.path.join(workdir, f"{variant or 'detco'}_seed{seed}")
       pretrain_dir = os.path.join(run_dir, "pretrain")
-      train.train_and_evaluate(pretrain_config(scale, variant, seed),
-                               pretrain_dir)
+      train.run(pretrain_config(scale, variant, seed), pretrain_dir)
       figures = probe(pretrain_dir, run_dir, seed)
       runs.setdefault(label, []).append(figures)
       seconds.setdefault(label, []).append(time.time() - start)

@@ -1,6 +1,6 @@
 r"""Throughput of the DetCo host input pipeline (samples per second).
 
-  python benchmarks/input_pipeline.py [--num_images=300] [--windows=5]
+  python -m detco_jax.benchmark.input_pipeline [--num_images=300] [--windows=5]
 
 Measures DetCo samples (2 global views + 2 jigsaw sets of 9 patches, i.e. 20
 images) per second through the real pipeline, `make_pretrain_iterator`'s
@@ -25,7 +25,6 @@ stays meaningful on a machine shared with other jobs.
 Target: >= 100 DetCo samples/s per core at ImageNet scale.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,15 +33,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# Runnable from a checkout without installing: make `configs` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+# Run from any directory of a checkout: make its `configs` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from configs import detco  # pylint: disable=g-import-not-at-top
+from detco_jax import cli  # pylint: disable=g-import-not-at-top
 from detco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
 
@@ -123,16 +124,22 @@ def builtin_config(data_dir: str, batch: int, num_train: int):
   return c
 
 
+def define_flags() -> None:
+  """The benchmark's flags."""
+  flags.DEFINE_integer("num_images", 300, "JPEGs written for the folder "
+                       "source.")
+  flags.DEFINE_integer("builtin_images", 1024,
+                       "Train images of the generated built-in dataset.")
+  flags.DEFINE_integer("batch_size", 64, "Global batch.")
+  flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
+  flags.DEFINE_integer("windows", 5, "Timed windows (median).")
+  flags.DEFINE_integer("window_batches", 4, "Batches per window.")
+  flags.DEFINE_bool("skip_builtin", False, "Time the JPEG folder only.")
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--num_images", type=int, default=300)
-  parser.add_argument("--builtin_images", type=int, default=1024)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--windows", type=int, default=5)
-  parser.add_argument("--window_batches", type=int, default=4)
-  parser.add_argument("--skip_builtin", action="store_true")
-  args = parser.parse_args()
+  """Times the input pipeline with the command-line flags."""
+  args = flags.FLAGS
 
   cores = os.cpu_count() or 1
   load = os.getloadavg()[0]
@@ -170,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

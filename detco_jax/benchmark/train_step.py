@@ -5,10 +5,11 @@ r"""Speed, FLOPs, MFU and memory of the jitted DetCo train step.
       [--warmup=N] [--compile_only [--topology=v3:2x2]] [--nobackbone] \
       [--breakdown]
 
-What is timed is the real step of `step.make_train_step`, compiled once
-ahead of time, on a synthetic uint8 batch made once on the devices with the
-step's input sharding: no host-to-device transfer, no compilation and no
-warm-up step is in the figures. Each step is blocked on; figures are
+(the flags: `__main__.py`). What is timed is the real step of
+`step.make_train_step`, compiled once ahead of time, on a synthetic uint8
+batch made once on the devices with the step's input sharding: no
+host-to-device transfer, no compilation and no warm-up step is in the
+figures. Each step is blocked on; figures are
 medians over `--steps` steps. Printed, one `name: value` line each, per
 device:
 
@@ -36,10 +37,16 @@ P_k, the same ResNet, parameters and BN grouping, a trivial loss) and
 prints `overhead_ratio` = full step / backbone-only and `flops_ratio`, the
 same for compiled FLOPs (about 1.03 on one device; much more means work
 that runs replicated instead of split over the devices, and is warned
-about). `--breakdown` also times, each alone: the photometric augmentation,
-the shuffle-BN permutation, heads + loss on precomputed stage maps, the
-optimiser update, EMA + enqueue, and the real step with the photometric
-ops off; `unaccounted_s` is the step minus backbone and pieces.
+about). It is the one program here that is not the step's own code, yet
+it splits the views and applies the encoder's backbone as the step does.
+`--breakdown` also times, each alone and each the code that trains (the
+phases of `step.train_step` and the encoder's `heads`): the photometric
+augmentation (`step.augment`), the shuffle-BN permutation
+(`step.bn_shuffle`), heads + loss on precomputed stage maps
+(`DetCoEncoder.heads`, `step.contrastive_loss`), the optimiser update
+(`step.apply_gradients`), EMA + enqueue (`step.ema_and_enqueue`), and the
+real step with the photometric ops off; `unaccounted_s` is the step minus
+backbone and pieces.
 
 All timed functions are called in turn, one round after another, so that a
 load that changes during the run (a shared machine) affects them alike; the
@@ -81,48 +88,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import app
-from absl import flags
 from absl import logging
 from jax.sharding import Mesh
-from ml_collections import config_flags
 
 from detco_jax import config_lib
-from detco_jax import losses
-from detco_jax import momentum
 from detco_jax import sharding
 from detco_jax import step as step_lib
 from detco_jax.data import augment
 from detco_jax.models import detco as detco_lib
 from detco_jax.models import heads
-from detco_jax.models import resnet
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/detco.py:demo.",
-    lock_config=True)
-_PER_DEVICE_BATCH = flags.DEFINE_integer(
-    "per_device_batch", None,
-    "Images per device; default: config.batch_size // device count.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median).")
-_WARMUP = flags.DEFINE_integer("warmup", 2,
-                               "Untimed steps run after compilation.")
-_COMPILE_ONLY = flags.DEFINE_bool(
-    "compile_only", False, "Compile the step and print its FLOPs and "
-    "memory; allocate and run nothing.")
-_BACKBONE = flags.DEFINE_bool(
-    "backbone", True, "Also time the backbone alone and print the overhead "
-    "ratio full step / backbone-only.")
-_BREAKDOWN = flags.DEFINE_bool(
-    "breakdown", False, "Also time the step's pieces on their own "
-    "(augmentation, encoders + loss, optimiser, EMA + enqueue).")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "With --compile_only: compile for this TPU topology "
-    "instead of the local devices, e.g. v3:2x2 (a v3-8: 8 cores) or "
-    "v4:2x2x1 (a v4-8); needs the libtpu package, runs on any host.")
-_CHIP_CONFIG = flags.DEFINE_string(
-    "chip_config", None, "With --topology: libtpu's chip configuration, "
-    "e.g. megacore (one device per v4 / v5p chip, as JAX shows them).")
-flags.mark_flags_as_required(["config"])
 
 Batch = dict[str, jax.Array]
 Figures = dict[str, float]
@@ -357,32 +331,16 @@ def _seconds(call: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def _split_views(views: Mapping[str, jax.Array],
-                 flatten: bool = False) -> tuple[Any, ...]:
-  """(I_q, I_k, P_q, P_k) of float views.
-
-  The patch sets are [B, 9, h, w, 3], or [B * 9, h, w, 3] with `flatten`
-  (as the backbone takes them), or None without patches.
-  """
-  g = views["global"]
-  if "local" not in views:
-    return g[:, 0], g[:, 1], None, None
-  p = views["local"]
-  if flatten:
-    return (g[:, 0], g[:, 1], p[:, 0].reshape((-1,) + p.shape[3:]),
-            p[:, 1].reshape((-1,) + p.shape[3:]))
-  return g[:, 0], g[:, 1], p[:, 0], p[:, 1]
-
-
 def make_backbone_step(model: detco_lib.DetCoEncoder,
                        mesh: Mesh) -> Callable:
   """DetCo's irreducible work: the backbone alone, with a trivial loss.
 
   Forward and backward through the query backbone on I_q and P_q, forward
-  through the key backbone (EMA variables) on I_k and P_k, with the same
-  ResNet module, BN grouping and dtype as `model`. The loss is the sum of
-  the means of the four stage maps, so the backward is a real one through
-  every stage; the gradient's norm is returned so that it is computed.
+  through the key backbone (EMA variables) on I_k and P_k: the encoder's
+  own `stage_maps` on the views as `step.split_views` splits them, so with
+  its ResNet, BN grouping and dtype. The loss is the sum of the means of
+  the stage maps, so the backward is a real one through every stage; the
+  gradient's norm is returned so that it is computed.
 
   Args:
     model: the DetCo encoder whose backbone is timed.
@@ -390,31 +348,24 @@ def make_backbone_step(model: detco_lib.DetCoEncoder,
 
   Returns:
     jitted `fn(params, batch_stats, ema_params, ema_batch_stats, views)
-    -> (loss, grad_norm)` on the backbone's sub-trees and float views.
+    -> (loss, grad_norm)` on the backbone's sub-trees and float views
+    (`augment.augment_views`' output).
   """
-  backbone = resnet.ResNet(model.depth, model.width, model.stem,
-                           model.bn_groups, model.dtype, model.remat)
-
-  def maps_mean(variables, images):
-    maps, _ = backbone.apply(variables, images, train=True,
-                             mutable=["batch_stats"])
-    return sum(jnp.mean(m.astype(jnp.float32)) for m in maps.values())
+  def maps_mean(params, stats, images, patches):
+    # The encoder's backbone alone: its heads' parameters are not needed.
+    variables = {"params": {"backbone": params},
+                 "batch_stats": {"backbone": stats}}
+    (maps, patch_maps), _ = model.apply(
+        variables, images, patches, True, mutable=["batch_stats"],
+        method="stage_maps")
+    every = list(maps.values()) + list((patch_maps or {}).values())
+    return sum(jnp.mean(m.astype(jnp.float32)) for m in every)
 
   def fn(params, stats, ema_params, ema_stats, views):
-    q_views, k_views, q_patches, k_patches = _split_views(views, True)
-
-    def loss(p):
-      variables = {"params": p, "batch_stats": stats}
-      total = maps_mean(variables, q_views)
-      if q_patches is not None:
-        total += maps_mean(variables, q_patches)
-      return total
-
-    value, grads = jax.value_and_grad(loss)(params)
-    ema = {"params": ema_params, "batch_stats": ema_stats}
-    value += maps_mean(ema, k_views)
-    if k_patches is not None:
-      value += maps_mean(ema, k_patches)
+    v = step_lib.split_views(views)
+    value, grads = jax.value_and_grad(maps_mean)(params, stats, v.q_views,
+                                                 v.q_patches)
+    value += maps_mean(ema_params, ema_stats, v.k_views, v.k_patches)
     return value, optax.tree.norm(grads)
 
   rep = sharding.replicated(mesh)
@@ -434,19 +385,12 @@ def backbone_args(state: step_lib.TrainState, views: Batch) -> tuple:
 # The step's pieces, each jitted and timed alone (--breakdown).
 
 
-def _heads(module, maps, patch_maps):
-  """The encoder's heads on given stage maps (a `DetCoEncoder` method)."""
-  out = {"global": {s: module.global_heads[s](maps[s])
-                    for s in module.stages}, "local": {}}
-  if patch_maps is not None:
-    out["local"] = {s: module.local_heads[s](patch_maps[s])
-                    for s in module.stages}
-  return out
-
-
 def make_heads_loss(config: ml_collections.ConfigDict,
                     model: detco_lib.DetCoEncoder) -> Callable:
   """Heads and loss alone: key heads forward, query heads forward/backward.
+
+  The encoder's `heads` and the step's `contrastive_loss`, differentiated
+  as `step.loss_and_grads` differentiates them, on given stage maps.
 
   Args:
     config: the experiment config (loss settings).
@@ -459,19 +403,14 @@ def make_heads_loss(config: ml_collections.ConfigDict,
     on its way into the backbone.
   """
   def embed(params, maps):
-    return model.apply({"params": params}, *maps, method=_heads)
+    return model.apply({"params": params}, *maps, method="heads")
 
   def fn(params, ema_params, q_maps, k_maps, queues):
     keys = jax.lax.stop_gradient(embed(ema_params, k_maps))
 
     def loss_fn(p, maps):
-      out = embed(p, maps)
-      return losses.detco_loss(
-          out["global"], out["local"], keys["global"], keys["local"],
-          queues["global"], queues["local"],
-          temperature=config.loss.temperature,
-          weights=config_lib.loss_weights(config),
-          terms=config_lib.loss_terms(config))[0]
+      return step_lib.contrastive_loss(embed(p, maps), keys, queues,
+                                       config)[0]
 
     value, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(params,
                                                                 q_maps)
@@ -484,37 +423,34 @@ def _head_params(params: Any) -> Any:
   return {k: v for k, v in params.items() if k != "backbone"}
 
 
-def _update_fns(config: ml_collections.ConfigDict,
-                tx: optax.GradientTransformation,
-                state_shardings: Any, mesh: Mesh) -> tuple[Callable, ...]:
-  """Jitted (optimizer, ema_enqueue) updates of a donated state."""
-  rep = sharding.replicated(mesh)
+def _phase_inputs(config: ml_collections.ConfigDict,
+                  model: detco_lib.DetCoEncoder, mesh: Mesh,
+                  state: step_lib.TrainState, views: Batch,
+                  rng: jax.Array) -> tuple[Any, ...]:
+  """What the timed phases take, made once by the step's own phases.
 
-  def optimizer(state, grads):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
+  Returns:
+    (q_maps, k_maps, keys, grads, batch_stats): the query's and the key's
+    `(stage maps, patch stage maps)` (evaluation-mode BN), the keys of
+    `step.encode_keys`, and the gradient and BN statistics of
+    `step.loss_and_grads`; the maps split over `data`, the rest
+    replicated.
+  """
+  def inputs(state, views, rng):
+    v = step_lib.split_views(views)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    maps = lambda x, p: model.apply(variables, x, p, False,
+                                    method="stage_maps")
+    keys = step_lib.encode_keys(state, v, rng, config=config, model=model,
+                                batch_sharding=sharding.batch_sharded(mesh))
+    _, _, batch_stats, grads = step_lib.loss_and_grads(
+        state, v, keys, config=config, model=model)
+    return (maps(v.q_views, v.q_patches), maps(v.k_views, v.k_patches),
+            keys, grads, batch_stats)
 
-  def ema_enqueue(state, keys):
-    m = momentum.momentum_at(state.step, config_lib.total_steps(config),
-                             config.ema_momentum, config.ema_cosine)
-    return state.replace(
-        ema_params=momentum.ema_update(state.ema_params, state.params, m),
-        ema_batch_stats=momentum.ema_update(state.ema_batch_stats,
-                                            state.batch_stats, m),
-        queues=momentum.enqueue(state.queues, keys))
-
-  return tuple(jax.jit(f, in_shardings=(state_shardings, rep),
-                       out_shardings=state_shardings, donate_argnums=0)
-               for f in (optimizer, ema_enqueue))
-
-
-def _unit_keys(queues: momentum.Queues, batch: int) -> dict[str, Any]:
-  """Enqueue-shaped keys: `{kind: {stage: [batch, D]}}` of unit vectors."""
-  def keys_like(queue):
-    return heads.l2_normalize(jnp.ones((batch, queue.shape[1]), queue.dtype))
-  return {kind: {s: keys_like(q) for s, q in queues[kind].items()}
-          for kind in momentum.KINDS}
+  rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(inputs, out_shardings=(split, split, rep, rep, rep))(
+      state, views, rng)
 
 
 def breakdown_calls(config: ml_collections.ConfigDict,
@@ -526,6 +462,8 @@ def breakdown_calls(config: ml_collections.ConfigDict,
                     views: Batch) -> dict[str, Callable[[], Any]]:
   """No-argument calls of the step's pieces, each its own jitted program.
 
+  Each piece is the step's own function (`step.augment`, ...), not a copy.
+
   Args:
     config, model, tx, schedule: as for `step.make_train_step`.
     mesh: the mesh.
@@ -533,7 +471,7 @@ def breakdown_calls(config: ml_collections.ConfigDict,
     box: `{"state": state}`; calls that update the state put it back here.
     batch: the uint8 batch.
     rng: the step's PRNG key.
-    views: float views (augmented once).
+    views: float views (augmented once, `augment.augment_views`).
 
   Returns:
     `{"augment": photometric augmentation + normalisation,
@@ -546,40 +484,37 @@ def breakdown_calls(config: ml_collections.ConfigDict,
   """
   rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   calls = {}
-  aug = jax.jit(lambda b, r: augment.augment_views(b, r, config.aug,
-                                                   config.views),
+  aug = jax.jit(functools.partial(step_lib.augment, config=config),
                 in_shardings=(split, rep), out_shardings=split)
   calls["augment"] = lambda: aug(batch, rng)
 
-  def shuffle(v, r):
-    perm = jax.random.permutation(r, config.batch_size)
-    return {k: x[:, 1][perm] for k, x in v.items()}
-  shuffle = jax.jit(shuffle, in_shardings=(split, rep), out_shardings=split)
-  calls["shuffle"] = lambda: shuffle(views, rng)
+  def shuffle(r, v):
+    v = step_lib.split_views(v)
+    return step_lib.bn_shuffle(r, v.k_views, v.k_patches, split)
+  shuffle = jax.jit(shuffle, in_shardings=(rep, split), out_shardings=split)
+  calls["shuffle"] = lambda: shuffle(rng, views)
 
-  q_views, k_views, q_patches, k_patches = _split_views(views, flatten=True)
-  backbone = jax.jit(lambda v, x: model.apply(v, x, method="features"))
-  state = box["state"]
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  maps = lambda x: None if x is None else backbone(variables, x)
-  q_maps, k_maps = (maps(q_views), maps(q_patches)), (maps(k_views),
-                                                       maps(k_patches))
+  q_maps, k_maps, keys, grads, batch_stats = _phase_inputs(
+      config, model, mesh, box["state"], views, rng)
   heads_loss = make_heads_loss(config, model)
   calls["heads_loss"] = lambda: heads_loss(
       _head_params(box["state"].params),
       _head_params(box["state"].ema_params), q_maps, k_maps,
       box["state"].queues)
 
-  optimizer, ema_enqueue = _update_fns(config, tx, state_shardings, mesh)
-  grads = jax.jit(lambda p: jax.tree.map(lambda x: 1e-4 * x, p),
-                  out_shardings=rep)(state.params)
-  keys = jax.jit(functools.partial(_unit_keys, batch=config.batch_size),
-                 out_shardings=rep)(state.queues)
+  optimizer = jax.jit(functools.partial(step_lib.apply_gradients, tx=tx),
+                      in_shardings=(state_shardings, rep, rep),
+                      out_shardings=state_shardings, donate_argnums=0)
+  ema_enqueue = jax.jit(
+      lambda state, k: step_lib.ema_and_enqueue(state, k, config=config)[0],
+      in_shardings=(state_shardings, rep), out_shardings=state_shardings,
+      donate_argnums=0)
 
-  def update(fn, arg):
-    box["state"] = fn(box["state"], arg)
+  def update(fn, *args):
+    box["state"] = fn(box["state"], *args)
     return box["state"]
-  calls["optimizer"] = functools.partial(update, optimizer, grads)
+  calls["optimizer"] = functools.partial(update, optimizer, grads,
+                                         batch_stats)
   calls["ema_enqueue"] = functools.partial(update, ema_enqueue, keys)
 
   plain = config.copy_and_resolve_references()
@@ -811,17 +746,3 @@ def _log_figures(figures: Figures, log: Callable[[str], None]) -> None:
       log(f"{name}: {int(value)}")
     else:
       log(f"{name}: {value:.4g}")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run(_CONFIG.value, per_device_batch=_PER_DEVICE_BATCH.value,
-      steps=_STEPS.value, warmup=_WARMUP.value,
-      compile_only=_COMPILE_ONLY.value, backbone=_BACKBONE.value,
-      breakdown=_BREAKDOWN.value, topology=_TOPOLOGY.value,
-      chip_config=_CHIP_CONFIG.value)
-
-
-if __name__ == "__main__":
-  app.run(main)
