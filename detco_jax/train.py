@@ -1,28 +1,24 @@
-"""The pretraining loop: state, data, the jitted step, checkpoints, metrics.
+"""Pretraining as a job: state, data and the jitted step, for the loop.
 
-`train_and_evaluate(config, workdir)` runs (or resumes) a DetCo pretraining
-run. A workdir that already holds a checkpoint resumes from its latest step,
-data stream included. SIGTERM (sent by preemptible TPU VMs and SLURM) saves a
-checkpoint and returns cleanly; a NaN loss stops the run before anything
-after it is saved.
+`run(config, workdir)` runs (or resumes) a DetCo pretraining run through the
+shared job loop (`detco_jax.loop`): a workdir that already holds a
+checkpoint resumes from its latest step, data stream included; SIGTERM saves
+a checkpoint and returns; a NaN loss stops the run before anything after it
+is saved.
 """
 
-import os
-import time
+import functools
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from clu import periodic_actions
 from etils import epath
 
-from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import config_lib
-from detco_jax import preemption
+from detco_jax import loop
 from detco_jax import pretrained
-from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax import step as step_lib
 from detco_jax import visualize
@@ -30,6 +26,9 @@ from detco_jax.data import augment
 from detco_jax.data import pipeline
 from detco_jax.data import sources
 from detco_jax.eval import knn
+
+# The console line's accuracies: res5's three terms (MoCo v2 has gg only).
+CONSOLE = ("res5/gg_acc", "res5/ll_acc", "res5/gl_acc")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str,
@@ -51,7 +50,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str,
   writer.write_hparams(flat)
 
 
-def _write_views_image(config, batch, writer, step: int) -> None:
+def _write_views_image(config, batch, step: int, writer) -> None:
   """Writes the first sample's four augmented views to TensorBoard once."""
   first = {k: np.asarray(v[:1]) for k, v in batch.items()}
   views = jax.jit(lambda b: augment.augment_views(
@@ -62,8 +61,59 @@ def _write_views_image(config, batch, writer, step: int) -> None:
   writer.write_images(step, {"views/I_q,I_k,P_q,P_k": panel[None]})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
+  """Pretraining in `workdir` as a job for `loop.run`.
+
+  Args:
+    config: the experiment config (see configs/detco.py).
+    workdir: where checkpoints, TensorBoard events and the config go.
+
+  Returns:
+    The job.
+
+  Raises:
+    ValueError: on an inconsistent config (the message names the fix).
+  """
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh()
+  model = config_lib.build_model(config)
+  tx, schedule = config_lib.build_optimizer(config)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state, shardings = step_lib.create_train_state(config, model, tx, mesh,
+                                                 init_rng)
+  train_step = step_lib.make_train_step(config, model, tx, schedule, mesh,
+                                        shardings)
+  sources.prepare_builtin(config.data)
+
+  def step(state, host_batch):
+    return train_step(state, sharding.host_to_global(host_batch, mesh),
+                      step_rng)
+
+  def on_start(state, start, writer):
+    del state
+    if start == 0:
+      _write_config(config, workdir, writer)
+
+  knn_every = config.knn.every_steps if "knn" in config else 0
+  return loop.Job(
+      name="pretraining", workdir=workdir,
+      init_state=lambda resuming: state,
+      data=lambda start: pipeline.make_pretrain_iterator(config,
+                                                         start_step=start),
+      step=step, total_steps=config_lib.total_steps(config),
+      batch_size=config.batch_size, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every,
+      keep_checkpoints=config.keep_checkpoints,
+      steps_per_epoch=config_lib.steps_per_epoch(config), console=CONSOLE,
+      hooks=(loop.Periodic(knn_every, functools.partial(
+          _knn_monitor, config, mesh)),),
+      on_start=on_start,
+      first_batch=(functools.partial(_write_views_image, config)
+                   if config.write_views_image else None),
+      profile_steps=tuple(config.profile_steps))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs or resumes pretraining in `workdir`.
 
   Args:
@@ -73,99 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns:
     The metrics of the last logging window (empty if no step ran).
   """
-  config_lib.validate(config, jax.device_count(), jax.process_count())
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
-  mesh = sharding.make_mesh()
-  model = config_lib.build_model(config)
-  tx, schedule = config_lib.build_optimizer(config)
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  state, shardings = step_lib.create_train_state(config, model, tx, mesh,
-                                                 init_rng)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    logging.info("Resuming from checkpoint %d in %s.", ckpt.latest_step(),
-                 ckpt.directory)
-    state = ckpt.restore(state)
-  start, total = int(state.step), config_lib.total_steps(config)
-  train_step = step_lib.make_train_step(config, model, tx, schedule, mesh,
-                                        shardings)
-  sources.prepare_builtin(config.data)
-  data = pipeline.make_pretrain_iterator(config, start_step=start)
-
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
-  if start == 0:
-    _write_config(config, workdir, writer)
-  report = periodic_actions.ReportProgress(num_train_steps=total,
-                                           writer=writer)
-  stop = preemption.StopRequest()
-  stop.install()
-  history, last, window_start = [], {}, time.perf_counter()
-  previous = None  # The last step's metrics, checked after the next dispatch.
-  steps_per_epoch = config_lib.steps_per_epoch(config)
-  logging.info("Training steps %d..%d on %d devices (%d processes), "
-               "%d steps per epoch.", start, total, jax.device_count(),
-               jax.process_count(), steps_per_epoch)
-  try:
-    step = start
-    while step < total:
-      _profile(config, workdir, step)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        with report.timed("data", wait_jax_async_dispatch=False):
-          host_batch = next(data)
-        if step == start and config.write_views_image:
-          _write_views_image(config, host_batch, writer, step)
-        batch = sharding.host_to_global(host_batch, mesh)
-        state, metrics = train_step(state, batch, step_rng)
-      if previous is not None:  # Done or nearly done: cheap to fetch.
-        step_lib.check_finite(float(previous["loss"]), step - 1)
-      previous = metrics
-      history.append(metrics)
-      step += 1
-      report(step)
-      stopping = (ckpt.reached_preemption(step) or
-                  stop.agreed(at_sync_point=step % config.log_every == 0))
-      if step % config.log_every == 0 or step == total or stopping:
-        last = _log(history, step, steps_per_epoch, window_start, config,
-                    data, writer)
-        history, window_start = [], time.perf_counter()
-      if _knn_due(config, step, total) and not stopping:
-        _knn_monitor(config, state, step, mesh, writer)
-      if step % config.checkpoint_every == 0 or step == total or stopping:
-        step_lib.check_finite(float(metrics["loss"]), step - 1)
-        with report.timed("checkpoint"):
-          ckpt.save(step, state)
-      if stopping:
-        logging.warning("Stopped at step %d after a SIGTERM or preemption "
-                        "notice; resume by running the same command.", step)
-        break
-  finally:
-    stop.uninstall()
-    ckpt.close()
-    writer.flush()
-    writer.close()
-  return last
+  return loop.run(job(config, workdir)).last
 
 
-def _log(history, step, steps_per_epoch, window_start, config, data,
-         writer) -> dict[str, float]:
-  """Writes the window's mean metrics, throughput and data counters."""
-  scalars = reporting.window_means(history)
-  seconds = time.perf_counter() - window_start
-  scalars["images_per_sec"] = len(history) * config.batch_size / seconds
-  scalars["epoch"] = step / steps_per_epoch
-  scalars["data/skipped_images"] = float(data.num_corrupt)
-  writer.write_scalars(step, scalars)
-  return scalars
-
-
-def _knn_due(config, step: int, total: int) -> bool:
-  """Whether the kNN monitor runs after `step` (every N steps and at the end)."""
-  every = config.knn.every_steps if "knn" in config else 0
-  return every > 0 and (step % every == 0 or step == total)
-
-
-def _knn_monitor(config, state, step: int, mesh, writer) -> None:
+def _knn_monitor(config, mesh, step: int, state, writer) -> None:
   """Writes the query backbone's kNN top-1 (`knn/top1`) at `step`."""
   backbone = pretrained.from_encoder(config, state.params, state.batch_stats,
                                      step)
@@ -174,14 +135,3 @@ def _knn_monitor(config, state, step: int, mesh, writer) -> None:
   logging.info("Step %d: kNN top-1 %.4f (%s, %d train / %d test).", step,
                results["knn_top1"], config.knn.stage, results["num_train"],
                results["num_test"])
-
-
-def _profile(config, workdir: str, step: int) -> None:
-  """Starts/stops the JAX profiler at `config.profile_steps` = (start, end)."""
-  if not config.profile_steps or jax.process_index() != 0:
-    return
-  begin, end = config.profile_steps
-  if step == begin:
-    jax.profiler.start_trace(os.path.join(workdir, "profile"))
-  elif step == end:
-    jax.profiler.stop_trace()

@@ -43,5 +43,5 @@ def tiny_pretrain_workdir(builtin_data_dir, tmp_path_factory) -> str:
   config.write_views_image = False
   config.knn.every_steps = 3  # The monitor runs at steps 3 and 6.
   workdir = str(tmp_path_factory.mktemp("pretrain"))
-  train.train_and_evaluate(config, workdir)
+  train.run(config, workdir)
   return workdir

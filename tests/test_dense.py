@@ -15,6 +15,7 @@ from detco_jax import sharding
 from detco_jax.data import builtin
 from detco_jax.data import segmentation
 from detco_jax.eval import dense
+from tests import jobcheck
 
 STAGES = ("res2", "res3", "res4", "res5")
 
@@ -183,7 +184,7 @@ def test_end_to_end_resumes_and_refuses_another_backbone(
     tiny_pretrain_workdir, builtin_data_dir, tmp_path):
   workdir = str(tmp_path / "dense")
   config = tiny_config(builtin_data_dir, tiny_pretrain_workdir, total_steps=2)
-  first = dense.train_and_evaluate(config, workdir)
+  first = dense.run(config, workdir)
   assert read_results(workdir) == json.loads(json.dumps(first))
   assert first["start_step"] == 0 and first["steps_trained"] == 2
   assert first["eval_examples"] == 64 and first["pretrained_step"] == 6
@@ -195,16 +196,26 @@ def test_end_to_end_resumes_and_refuses_another_backbone(
 
   # Longer schedule, same workdir: continues from step 2.
   config.total_steps = 4
-  second = dense.train_and_evaluate(config, workdir)
+  second = dense.run(config, workdir)
   assert second["start_step"] == 2 and second["steps_trained"] == 4
   assert read_results(workdir)["steps_trained"] == 4
   # Finished: tested again only, with the same figures.
-  third = dense.train_and_evaluate(config, workdir)
+  third = dense.run(config, workdir)
   assert third["start_step"] == 4 and third["stages"] == second["stages"]
 
   config.random_init = True
   with pytest.raises(ValueError, match="another --workdir"):
-    dense.train_and_evaluate(config, workdir)
+    dense.run(config, workdir)
+
+
+def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
+    tiny_pretrain_workdir, builtin_data_dir, tmp_path):
+  """Stopped before step 4 (saved at 3), or NaN at step 5 (resumed from 4)."""
+  config = tiny_config(builtin_data_dir, tiny_pretrain_workdir, total_steps=6)
+  straight = jobcheck.check_stop_and_nan_resume(
+      lambda workdir: dense.job(config, workdir), tmp_path, stop_k=2,
+      nan_k=5)
+  assert straight.results["steps_trained"] == 6
 
 
 def test_backbone_stays_frozen(tiny_pretrain_workdir, builtin_data_dir):

@@ -19,6 +19,8 @@ from detco_jax.data import augment
 from detco_jax.data import pipeline
 from detco_jax.eval import features
 from detco_jax.eval import linear
+from detco_jax.eval import probe
+from tests import jobcheck
 
 
 @pytest.fixture
@@ -110,6 +112,15 @@ def test_probe_runs_end_to_end_and_resumes_exactly(config, tmp_path):
   assert again["stages"] == results["stages"]
 
 
+def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
+                                                                tmp_path):
+  """Stopped before step 4 (saved at 3), or NaN at step 6 (resumed from 4)."""
+  straight = jobcheck.check_stop_and_nan_resume(
+      lambda workdir: linear.job(config, workdir), tmp_path, stop_k=2,
+      nan_k=6)
+  assert straight.results["steps"] == 8
+
+
 def test_random_init_floor_and_bad_inputs(config, tmp_path):
   config.random_init = True
   config.num_train_examples = 32  # One step: the floor's plumbing only.
@@ -146,7 +157,7 @@ def test_standardisation_statistics_match_numpy(config):
                                atol=1e-5)
     np.testing.assert_allclose(stats[s]["inv_std"],
                                1 / np.sqrt(pooled.var(0) + 1e-5), rtol=1e-3)
-  identity = linear.identity_stats(backbone.channels, config.stages)
+  identity = probe.identity_stats(backbone.channels, config.stages)
   logits = linear.head_logits(
       {"res5": {"kernel": jnp.eye(64), "bias": jnp.zeros(64)}},
       {"res5": jnp.ones((2, 64))}, identity)

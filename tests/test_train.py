@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -15,7 +14,7 @@ from detco_jax import config_lib
 from detco_jax import sharding
 from detco_jax import step as step_lib
 from detco_jax import train
-from detco_jax.data import pipeline
+from tests import jobcheck
 
 
 @pytest.fixture
@@ -40,7 +39,7 @@ def restore_params(config, workdir):
 
 def test_tiny_run_writes_checkpoints_events_and_config(config, tmp_path):
   workdir = str(tmp_path / "run")
-  last = train.train_and_evaluate(config, workdir)
+  last = train.run(config, workdir)
   assert np.isfinite(last["loss"]) and last["images_per_sec"] > 0
   assert last["data/skipped_images"] == 0
   ckpt = checkpoint_lib.Checkpointer(workdir)
@@ -64,54 +63,19 @@ def test_tiny_run_writes_checkpoints_events_and_config(config, tmp_path):
   assert any("views" in t for t in tags["images"] + tags["tensors"])
 
 
-class _SigtermAt:
-  """Wraps the data iterator; sends this process SIGTERM at batch k."""
-
-  def __init__(self, inner, k):
-    self.inner, self.k, self.n = inner, k, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self.n == self.k:
-      os.kill(os.getpid(), signal.SIGTERM)
-    self.n += 1
-    return next(self.inner)
-
-  @property
-  def num_corrupt(self):
-    return self.inner.num_corrupt
-
-
-def test_sigterm_then_resume_matches_uninterrupted_run(config, tmp_path,
-                                                       monkeypatch):
-  config.checkpoint_every = 100
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-
-  make = pipeline.make_pretrain_iterator
-  monkeypatch.setattr(
-      pipeline, "make_pretrain_iterator",
-      lambda *a, **kw: _SigtermAt(make(*a, **kw), k=3))
-  workdir = str(tmp_path / "interrupted")
-  train.train_and_evaluate(config, workdir)
-  step, _ = restore_params(config, workdir)
-  assert step == 4  # Saved at the step boundary after the signal.
-  monkeypatch.setattr(pipeline, "make_pretrain_iterator", make)
-  resumed = train.train_and_evaluate(config, workdir)
-
-  np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-5)
-  _, p_straight = restore_params(config, str(tmp_path / "straight"))
-  step, p_resumed = restore_params(config, workdir)
-  assert step == config.total_steps
-  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
+                                                                tmp_path):
+  """Stopped before step 5 (saved at 4), or NaN at step 5 (resumed from 3)."""
+  config.write_views_image = False
+  jobcheck.check_stop_and_nan_resume(
+      lambda workdir: train.job(config, workdir), tmp_path, stop_k=3,
+      nan_k=5)
 
 
 def test_half_written_checkpoint_is_never_picked_up(config, tmp_path):
   workdir = str(tmp_path / "run")
   config.total_steps = 3
-  train.train_and_evaluate(config, workdir)
+  train.run(config, workdir)
   directory = os.path.join(workdir, "checkpoints")
   # What an interrupted orbax save leaves: a temporary step directory.
   partial = os.path.join(directory, "5.orbax-checkpoint-tmp-1234567")
@@ -121,18 +85,18 @@ def test_half_written_checkpoint_is_never_picked_up(config, tmp_path):
   assert ckpt.latest_step() == 3
   ckpt.close()
   config.total_steps = 6
-  last = train.train_and_evaluate(config, workdir)
+  last = train.run(config, workdir)
   assert np.isfinite(last["loss"])
   assert restore_params(config, workdir)[0] == 6
 
 
-def test_nan_loss_stops_with_the_step_and_saves_nothing_after(config,
-                                                               tmp_path):
+def test_diverging_run_stops_with_the_step_and_saves_nothing_after(
+    config, tmp_path):
   config.base_lr = 1e30
   config.checkpoint_every = 1
   workdir = str(tmp_path / "nan")
   with pytest.raises(FloatingPointError, match=r"at step \d+"):
-    train.train_and_evaluate(config, workdir)
+    train.run(config, workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir)
   saved = ckpt.all_steps()
   ckpt.close()
@@ -156,10 +120,10 @@ def test_bad_config_values_stop_the_run_with_the_key(config, tmp_path, key,
     node = node[p]
   node[last] = value
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path / "bad"))
+    train.run(config, str(tmp_path / "bad"))
 
 
 def test_unknown_dataset_says_how_to_fix(config, tmp_path):
   config.data.dataset = "no_such_dataset_xyz"
   with pytest.raises(FileNotFoundError, match="no_such_dataset_xyz"):
-    train.train_and_evaluate(config, str(tmp_path / "bad"))
+    train.run(config, str(tmp_path / "bad"))

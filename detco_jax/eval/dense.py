@@ -19,60 +19,37 @@ is only evaluated again. The workdir records which backbone it probes and
 refuses another one.
 """
 
+from detco_jax import cli  # First: it quiets TensorFlow's import.
+
+# pylint: disable=g-import-not-at-top,wrong-import-order
 import json
 import os
-import time
 from typing import Any, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app
-from absl import flags
 from absl import logging
 from clu import metric_writers
 from etils import epath
-from ml_collections import config_flags
 
-from detco_jax import checkpoint as checkpoint_lib
-from detco_jax import distributed
-from detco_jax import preemption
+from detco_jax import loop
 from detco_jax import pretrained
 from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax.data import segmentation
 from detco_jax.data import sources
 from detco_jax.eval import features
+from detco_jax.eval import probe
 
 Array = jax.Array
 
 RESULTS_FILE = "dense_results.json"
 BACKBONE_FILE = "dense_backbone.json"
 CONFIG_FILE = "dense_config.json"
-# Added to the variance before the standardisation's inverse square root:
-# dead (all-zero) ReLU channels must not divide by zero.
-_STATS_EPS = 1e-5
-
-
-@flax.struct.dataclass
-class ProbeState:
-  """Everything the probe trains or fixes; the backbone is not part of it.
-
-  Attributes:
-    step: optimiser steps taken.
-    params: the per-stage classifiers, `{stage: {"kernel", "bias"}}`.
-    opt_state: the optimiser's state.
-    stats: fixed per-channel standardisation, `{stage: {"mean",
-      "inv_std"}}`.
-  """
-  step: Array
-  params: Any
-  opt_state: Any
-  stats: Any
 
 
 class DenseHeads(nn.Module):
@@ -273,27 +250,15 @@ def measure_stats(config: ml_collections.ConfigDict,
   Returns:
     `{stage: {"mean": [C], "inv_std": [C]}}`, replicated.
   """
-  stages = tuple(config.stages)
-
-  def moments(variables, images):
-    maps = features.stage_maps(backbone, variables, images, stages)
-    return {s: features.batch_moments(m) for s, m in maps.items()}
-
-  rep = sharding.replicated(mesh)
-  moments = jax.jit(moments, in_shardings=(rep, sharding.batch_sharded(mesh)),
-                    out_shardings=rep)
-  data = segmentation.make_train_iterator(config)
-  per_batch = [moments(backbone.variables,
-                       sharding.host_to_global(next(data)["image"], mesh))
-               for _ in range(max(1, int(config.stats_batches)))]
-  per_batch = jax.device_get(per_batch)
-  stats = {s: features.combine_moments([b[s] for b in per_batch],
-                                       _STATS_EPS) for s in stages}
-  return jax.device_put(stats, rep)
+  # The small eps of the variance keeps dead (all-zero) ReLU channels from
+  # dividing by zero.
+  batches = segmentation.make_train_iterator(config)
+  return probe.measure_stats(backbone, mesh, (b["image"] for b in batches),
+                             config.stages, config.stats_batches, pool=False)
 
 
 def init_state(stats: Any, channels: dict[str, int], num_classes: int,
-               tx: optax.GradientTransformation) -> ProbeState:
+               tx: optax.GradientTransformation) -> probe.ProbeState:
   """A fresh probe state (traceable: also used for its abstract shape).
 
   Args:
@@ -309,20 +274,8 @@ def init_state(stats: Any, channels: dict[str, int], num_classes: int,
   dummy = {s: jnp.zeros((1, 1, 1, channels[s])) for s in stages}
   params = DenseHeads(num_classes, stages).init(jax.random.key(0),
                                                 dummy)["params"]
-  return ProbeState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), stats=stats)
-
-
-def _restore_target(config, backbone, tx, mesh) -> Any:
-  """The state's shapes with replicated shardings, for `Checkpointer`."""
-  channels = backbone.channels
-  stats = {s: {k: jax.ShapeDtypeStruct((channels[s],), jnp.float32)
-               for k in ("mean", "inv_std")} for s in config.stages}
-  abstract = jax.eval_shape(
-      lambda st: init_state(st, channels, config.data.num_classes, tx), stats)
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+  return probe.ProbeState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), stats=stats)
 
 
 # ----------------------------------------------------------------------------
@@ -345,11 +298,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Rejects sizes the mesh cannot split and a probe inside its pretraining."""
-  n = jax.device_count()
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] <= 0 or config[key] % n:
-      raise ValueError(f"config.{key}={config[key]} must be a positive "
-                       f"multiple of the {n} devices.")
+  probe.check_batch_sizes(config, ("batch_size", "eval_batch_size"))
   if len(config.data.class_names) != config.data.num_classes:
     raise ValueError("config.data.class_names must name the "
                      f"{config.data.num_classes} classes of num_classes.")
@@ -382,8 +331,68 @@ def _record_backbone(workdir: str, backbone: pretrained.Backbone,
         config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
+  """The dense probe in `workdir` as a job for `loop.run`.
+
+  Args:
+    config: the dense-probe config (configs/dense_probe.py).
+    workdir: the probe's directory: checkpoints, TensorBoard events, results.
+
+  Returns:
+    The job; its `finish` tests the classifiers and writes the results.
+
+  Raises:
+    ValueError: on a bad config, or a workdir that probes another backbone.
+  """
+  _check_config(config, workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh()
+  backbone = pretrained.for_probe(config, mesh)
+  _record_backbone(workdir, backbone, config)
+  sources.prepare_builtin(config.data)
+  total = total_steps(config)
+  tx = make_optimizer(config, total)
+  size, k = config.views.crop_size, config.data.num_classes
+  train_step = make_train_step(backbone, tx, k, size, mesh)
+
+  def init_state_for(resuming):
+    # On resume the statistics are restored: only their shapes matter.
+    stats = (probe.identity_stats(backbone.channels, config.stages)
+             if resuming else measure_stats(config, backbone, mesh))
+    return jax.device_put(init_state(stats, backbone.channels, k, tx),
+                          sharding.replicated(mesh))
+
+  def step(state, batch):
+    return train_step(state, backbone.variables,
+                      sharding.host_to_global(batch, mesh))
+
+  started = {}  # The step this run started from, for the results.
+
+  def on_start(state, start, writer):
+    del state, writer
+    started["step"] = start
+
+  def finish(state, writer):
+    results = _test(config, backbone, state, mesh)
+    results.update(start_step=started["step"], steps_trained=int(state.step))
+    _report(results, writer, workdir)
+    return results
+
+  logging.info("Dense probe of %s on %s.", backbone.source,
+               config.data.dataset)
+  last = config.stages[-1]
+  return loop.Job(
+      name="dense probe", workdir=workdir, init_state=init_state_for,
+      data=lambda start: segmentation.make_train_iterator(config,
+                                                          start_step=start),
+      step=step, total_steps=total, batch_size=config.batch_size,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      keep_checkpoints=config.keep_checkpoints,
+      console=(f"{last}/loss", f"{last}/pixel_accuracy"), on_start=on_start,
+      finish=finish)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes, or skips if finished) the probe, then tests it.
 
   Args:
@@ -394,89 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The results, as written to `<workdir>/dense_results.json`; {} when a
     SIGTERM stopped the training (rerun the same command to resume).
   """
-  _check_config(config, workdir)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
-  backbone = pretrained.for_probe(config, mesh)
-  _record_backbone(workdir, backbone, config)
-  sources.prepare_builtin(config.data)
-  total = total_steps(config)
-  tx = make_optimizer(config, total)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  try:
-    if ckpt.latest_step() is None:
-      stats = measure_stats(config, backbone, mesh)
-      state = jax.device_put(
-          init_state(stats, backbone.channels, config.data.num_classes, tx),
-          sharding.replicated(mesh))
-    else:
-      logging.info("Resuming the dense probe from step %d in %s.",
-                   ckpt.latest_step(), ckpt.directory)
-      state = ckpt.restore(_restore_target(config, backbone, tx, mesh))
-    start = int(state.step)
-    state, stopped = _train(config, backbone, state, tx, mesh, ckpt, writer,
-                            start, total)
-    if stopped:
-      return {}
-    results = _test(config, backbone, state, mesh)
-    results.update(start_step=start, steps_trained=int(state.step))
-    _report(results, writer, workdir)
-  finally:
-    ckpt.close()
-    writer.flush()
-    writer.close()
-  return results
-
-
-def _train(config, backbone, state, tx, mesh, ckpt, writer, start: int,
-           total: int) -> tuple[ProbeState, bool]:
-  """Steps `start`..`total`; returns (state, stopped by SIGTERM)."""
-  if start >= total:
-    logging.info("Dense probe already trained (%d steps): testing only.",
-                 start)
-    return state, False
-  size, k = config.views.crop_size, config.data.num_classes
-  train_step = make_train_step(backbone, tx, k, size, mesh)
-  data = segmentation.make_train_iterator(config, start_step=start)
-  logging.info("Dense probe of %s: training steps %d..%d.", backbone.source,
-               start, total)
-  stop = preemption.StopRequest()
-  stop.install()
-  history, tick = [], time.perf_counter()
-  try:
-    for step in range(start + 1, total + 1):
-      batch = sharding.host_to_global(next(data), mesh)
-      state, metrics = train_step(state, backbone.variables, batch)
-      history.append(metrics)
-      stopping = stop.agreed(at_sync_point=step % config.log_every == 0)
-      if step % config.log_every == 0 or step == total or stopping:
-        _log_train(config, writer, step, history, tick)
-        history, tick = [], time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == total or stopping:
-        ckpt.save(step, state)
-      if stopping:
-        logging.warning("Dense probe stopped at step %d by SIGTERM; rerun "
-                        "the same command to resume.", step)
-        return state, True
-  finally:
-    stop.uninstall()
-    logging.info("Dense probe: training loop done.")
-  return state, False
-
-
-def _log_train(config, writer, step: int, history: list[dict[str, Array]],
-               tick: float) -> None:
-  """Writes a window's mean training metrics; stops on a non-finite loss."""
-  means = reporting.window_means(history)  # Waits for the window's end.
-  seconds = time.perf_counter() - tick
-  scalars = {f"train/{k}": v for k, v in means.items()}
-  if not np.isfinite(scalars["train/loss"]):
-    raise FloatingPointError(f"Dense probe loss is {scalars['train/loss']} "
-                             f"at step {step}; lower --config.lr.")
-  scalars["train/images_per_sec"] = len(history) * config.batch_size / seconds
-  writer.write_scalars(step, scalars)
+  return loop.run(job(config, workdir)).results
 
 
 def _test(config, backbone, state, mesh) -> dict[str, Any]:
@@ -499,11 +426,7 @@ def _test(config, backbone, state, mesh) -> dict[str, Any]:
     stages[s] = {"miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"],
                  "iou": {n: (None if np.isnan(v) else float(v))
                          for n, v in zip(names, m["iou"])}}
-  return {"pretrained": config.pretrained, "pretrained_step": backbone.step,
-          "random_init": bool(config.random_init),
-          "backbone": backbone.source,
-          "dataset": config.data.dataset,
-          "eval_split": config.data.eval_split,
+  return {**probe.results_header(config, backbone),
           "eval_examples": int(sum(int(o["examples"]) for o in outs)),
           "num_classes": k, "crop_size": size, "stages": stages}
 
@@ -527,30 +450,15 @@ def _report(results: dict[str, Any], writer: metric_writers.MetricWriter,
 # Command line.
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  distributed.initialize()
-  distributed.log_devices()
-  results = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+def report(results: dict[str, Any]) -> None:
+  """Logs each stage's mIoU on every process."""
   for stage, r in results.get("stages", {}).items():
     logging.info("Process %d: %s mIoU %.4f", jax.process_index(), stage,
                  r["miou"])
 
 
-def _define_flags() -> None:
-  """Defines the CLI's flags.
-
-  Only when run as a program: importing this module (tests, other jobs) must
-  not clash with their own `--config` and `--workdir`.
-  """
-  config_flags.DEFINE_config_file(
-      "config", None, "Dense-probe config, e.g. configs/dense_probe.py:demo.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None,
-                      "The probe's directory (checkpoints, results).")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run_job(
+      run, config_help="Dense-probe config, e.g. configs/dense_probe.py:demo.",
+      workdir_help="The probe's directory (checkpoints, results).",
+      report=report)

@@ -15,26 +15,26 @@ Inside pretraining, `config.knn.every_steps > 0` runs it on the query
 backbone every that many steps (see `detco_jax.train`).
 """
 
+from detco_jax import cli  # First: it quiets TensorFlow's import.
+
+# pylint: disable=g-import-not-at-top,wrong-import-order
 from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from ml_collections import config_flags
 
-from detco_jax import distributed
 from detco_jax import pretrained
 from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax.data import pipeline
 from detco_jax.data import sources
 from detco_jax.eval import features
+from detco_jax.eval import probe
 
 RESULTS_FILE = "knn_results.json"
 
@@ -173,30 +173,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh()
   backbone = pretrained.for_probe(config, mesh)
   sources.prepare_builtin(config.data)
-  results = dict(evaluate(backbone, config, mesh),
-                 backbone=backbone.source, pretrained_step=backbone.step,
-                 random_init=bool(config.random_init),
-                 dataset=config.data.dataset, stage=config.knn.stage,
+  results = dict(probe.results_header(config, backbone),
+                 **evaluate(backbone, config, mesh), stage=config.knn.stage,
                  k=config.knn.k, temperature=config.knn.temperature)
   reporting.write_json(workdir, RESULTS_FILE, results)
   return results
 
 
-def main(argv):
-  del argv
-  distributed.initialize()
-  distributed.log_devices()
-  results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+def report(results: dict[str, Any]) -> None:
+  """Logs the figure on every process."""
   logging.info("kNN top-1 (%s, k=%d): %.4f on %d test / %d train examples.",
                results["stage"], results["k"], results["knn_top1"],
                results["num_test"], results["num_train"])
 
 
 if __name__ == "__main__":
-  # Defined here, not at import, so that jobs can import each other.
-  config_flags.DEFINE_config_file(
-      "config", None, "Probe config, e.g. configs/linear_probe.py:demo.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for knn_results.json.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_job(
+      run, config_help="Probe config, e.g. configs/linear_probe.py:demo.",
+      workdir_help="Directory for knn_results.json.", report=report)

@@ -13,45 +13,29 @@ TensorBoard, the log and `<workdir>/linear_results.json`. A workdir with a
 checkpoint resumes, data stream included; SIGTERM saves and exits.
 """
 
+from detco_jax import cli  # First: it quiets TensorFlow's import.
+
+# pylint: disable=g-import-not-at-top,wrong-import-order
 from typing import Any, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import app
-from absl import flags
 from absl import logging
-from clu import metric_writers
-from etils import epath
 from jax.sharding import Mesh
-from ml_collections import config_flags
 
-from detco_jax import checkpoint as checkpoint_lib
-from detco_jax import distributed
-from detco_jax import preemption
+from detco_jax import loop
 from detco_jax import pretrained
 from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax.data import pipeline
 from detco_jax.data import sources
 from detco_jax.eval import features
+from detco_jax.eval import probe
 
 RESULTS_FILE = "linear_results.json"
 Heads = dict[str, dict[str, jax.Array]]
-
-
-@flax.struct.dataclass
-class ProbeState:
-  """A probe's state: the heads, their optimiser state and the fixed
-  per-stage feature statistics (mean 0 and inv_std 1 when not
-  standardising)."""
-  step: jax.Array
-  params: Heads
-  opt_state: Any
-  stats: dict[str, dict[str, jax.Array]]
 
 
 def init_heads(channels: dict[str, int], stages: Sequence[str],
@@ -82,23 +66,15 @@ def head_logits(params: Heads, pooled: dict[str, jax.Array],
           + p["bias"] for s, p in params.items()}
 
 
-def identity_stats(channels: dict[str, int], stages: Sequence[str]
-                   ) -> dict[str, dict[str, np.ndarray]]:
-  """Statistics that leave features as they are (`feature_norm="none"`)."""
-  return {s: {"mean": np.zeros(channels[s], np.float32),
-              "inv_std": np.ones(channels[s], np.float32)} for s in stages}
-
-
 def measure_stats(config: ml_collections.ConfigDict,
-                  backbone: pretrained.Backbone, mesh: Mesh
-                  ) -> dict[str, dict[str, np.ndarray]]:
-  """Per-stage channel statistics of pooled features, if standardising.
+                  backbone: pretrained.Backbone, mesh: Mesh) -> probe.Stats:
+  """Per-stage channel statistics of pooled features (`standardize`).
 
   MoCo's lr 30 suits ResNet-50 features, whose pooled values are small;
   other backbones (narrow ones, random ones) have pooled features large
   enough to make it diverge. `feature_norm="standardize"` fixes the scale
   with statistics of `stats_batches` test-transform batches of the train
-  split, measured once (a fixed affine map, so the probe stays linear).
+  split, measured once.
 
   Args:
     config: the probe config.
@@ -108,22 +84,11 @@ def measure_stats(config: ml_collections.ConfigDict,
   Returns:
     `{stage: {"mean": [C], "inv_std": [C]}}`.
   """
-
-  def moments(variables, images):
-    maps = features.stage_maps(backbone, variables, images, config.stages)
-    return {s: features.batch_moments(m)
-            for s, m in features.pooled(maps).items()}
-  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  moments = jax.jit(moments, in_shardings=(rep, data), out_shardings=rep)
   batches = pipeline.make_eval_iterator(config, config.data.train_split,
                                         train=False,
                                         batch_size=config.batch_size)
-  per_batch = []
-  for _, batch in zip(range(max(1, config.stats_batches)), batches):
-    per_batch.append(jax.device_get(moments(
-        backbone.variables, sharding.host_to_global(batch["image"], mesh))))
-  return {s: features.combine_moments([b[s] for b in per_batch])
-          for s in config.stages}
+  return probe.measure_stats(backbone, mesh, (b["image"] for b in batches),
+                             config.stages, config.stats_batches, pool=True)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -187,7 +152,7 @@ def make_train_step(backbone: pretrained.Backbone,
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"lr": schedule(state.step)}
+    metrics = {"lr": schedule(state.step), "loss": sum(per_stage.values())}
     for s in stages:
       metrics[f"{s}/loss"] = per_stage[s]
       metrics[f"{s}/train_top1"] = _topk_correct(logits[s], batch["label"],
@@ -228,7 +193,7 @@ def make_eval_step(backbone: pretrained.Backbone, mesh: Mesh):
   return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=rep)
 
 
-def evaluate(eval_step, state: ProbeState, variables: Any,
+def evaluate(eval_step, state: probe.ProbeState, variables: Any,
              batches: Any, mesh: Mesh) -> dict[str, dict[str, float]]:
   """Top-1 and top-5 accuracy per stage over one pass of test batches.
 
@@ -261,12 +226,74 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.feature_norm not in ("none", "standardize"):
     raise ValueError(f"Bad config: feature_norm={config.feature_norm!r} must "
                      "be 'none' (MoCo protocol) or 'standardize'.")
-  n = jax.device_count()
-  if config.batch_size % n:
-    raise ValueError(
-        f"Bad config: batch_size={config.batch_size} must be a multiple of "
-        f"the {n} devices; e.g. --config.batch_size="
-        f"{-(-config.batch_size // n) * n}.")
+  probe.check_batch_sizes(config)
+
+
+def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
+  """The probe in `workdir` as a job for `loop.run`.
+
+  Args:
+    config: the probe config (see configs/linear_probe.py).
+    workdir: where checkpoints, TensorBoard events and the results go.
+
+  Returns:
+    The job; its `finish` evaluates the heads and writes the results.
+  """
+  _check_config(config)
+  mesh = sharding.make_mesh()
+  backbone = pretrained.for_probe(config, mesh)
+  sources.prepare_builtin(config.data)
+  n_train = (config.num_train_examples if config.num_train_examples > 0 else
+             sources.num_examples(config.data, config.data.train_split))
+  steps_per_epoch = max(n_train // config.batch_size, 1)
+  num_classes = sources.num_classes(config.data)
+  tx, schedule = build_optimizer(config, steps_per_epoch)
+  rep = sharding.replicated(mesh)
+  train_step = make_train_step(backbone, tx, schedule, mesh, rep)
+  # One jitted test step for the periodic and the final evaluations.
+  eval_step = make_eval_step(backbone, mesh)
+
+  def init_state(resuming):
+    # Restored on resume; measuring them again would cost a data pass.
+    stats = probe.identity_stats(backbone.channels, config.stages)
+    if config.feature_norm == "standardize" and not resuming:
+      stats = measure_stats(config, backbone, mesh)
+    return probe.create_state(
+        lambda rng: init_heads(backbone.channels, config.stages, num_classes,
+                               rng), tx, stats, mesh, config.seed)
+
+  def data(start):
+    return pipeline.make_eval_iterator(config, config.data.train_split,
+                                       train=True,
+                                       batch_size=config.batch_size,
+                                       start_step=start)
+
+  def step(state, batch):
+    batch = {k: batch[k] for k in ("image", "label")}
+    return train_step(state, backbone.variables,
+                      sharding.host_to_global(batch, mesh))
+
+  def test(step, state, writer):
+    _write_eval(writer, step, evaluate(eval_step, state, backbone.variables,
+                                       _test_batches(config), mesh))
+
+  def finish(state, writer):
+    return _final_results(config, workdir, backbone, state, mesh, eval_step,
+                          steps_per_epoch, writer)
+
+  logging.info("Linear probe of %s on %s: %d classes.", backbone.source,
+               config.data.dataset, num_classes)
+  last = config.stages[-1]
+  return loop.Job(
+      name="linear probe", workdir=workdir, init_state=init_state, data=data,
+      step=step, total_steps=int(round(config.num_epochs * steps_per_epoch)),
+      batch_size=config.batch_size, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every,
+      keep_checkpoints=config.keep_checkpoints,
+      steps_per_epoch=steps_per_epoch,
+      console=(f"{last}/loss", f"{last}/train_top1"),
+      hooks=(loop.Periodic(config.eval_every, test, at_end=False),),
+      finish=finish)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -280,99 +307,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The results written to `linear_results.json`; "stages" holds top-1 and
     top-5 per stage. A run stopped by SIGTERM returns {} before evaluating.
   """
-  _check_config(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
-  backbone = pretrained.for_probe(config, mesh)
-  sources.prepare_builtin(config.data)
-  n_train = (config.num_train_examples if config.num_train_examples > 0 else
-             sources.num_examples(config.data, config.data.train_split))
-  steps_per_epoch = max(n_train // config.batch_size, 1)
-  total = int(round(config.num_epochs * steps_per_epoch))
-  num_classes = sources.num_classes(config.data)
-  tx, schedule = build_optimizer(config, steps_per_epoch)
-
-  def init(rng, stats):
-    params = init_heads(backbone.channels, config.stages, num_classes, rng)
-    return ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                      stats)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  resuming = ckpt.latest_step() is not None
-  # Restored on resume; measuring them again would cost a data pass.
-  stats = identity_stats(backbone.channels, config.stages)
-  if config.feature_norm == "standardize" and not resuming:
-    stats = measure_stats(config, backbone, mesh)
-  abstract = jax.eval_shape(init, jax.random.key(0), stats)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(init, out_shardings=state_sharding)(
-      jax.random.key(config.seed), stats)
-  if resuming:
-    logging.info("Resuming the probe from step %d.", ckpt.latest_step())
-    state = ckpt.restore(state)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
-  logging.info("Linear probe of %s on %s: steps %d..%d, %d classes.",
-               backbone.source, config.data.dataset, int(state.step), total,
-               num_classes)
-  # One jitted test step for the periodic and the final evaluations.
-  eval_step = make_eval_step(backbone, mesh)
-  try:
-    state, stopped = _train(config, backbone, state, total, tx, schedule,
-                            mesh, state_sharding, eval_step, ckpt, writer)
-    if stopped:
-      return {}
-    results = _final_results(config, workdir, backbone, state, mesh,
-                             eval_step, steps_per_epoch, writer)
-  finally:
-    ckpt.close()
-    writer.flush()
-    writer.close()
-  return results
-
-
-def _train(config, backbone, state, total, tx, schedule, mesh,
-           state_sharding, eval_step, ckpt, writer
-           ) -> tuple[ProbeState, bool]:
-  """The probe's training loop; returns (state, stopped by SIGTERM)."""
-  start = int(state.step)
-  if start >= total:
-    return state, False
-  train_step = make_train_step(backbone, tx, schedule, mesh, state_sharding)
-  data = pipeline.make_eval_iterator(config, config.data.train_split,
-                                     train=True, batch_size=config.batch_size,
-                                     start_step=start)
-  stop = preemption.StopRequest()
-  stop.install()
-  history = []
-  try:
-    for step in range(start + 1, total + 1):
-      batch = sharding.host_to_global(
-          {k: v for k, v in next(data).items() if k in ("image", "label")},
-          mesh)
-      state, metrics = train_step(state, backbone.variables, batch)
-      history.append(metrics)
-      stopping = stop.agreed(at_sync_point=step % config.log_every == 0)
-      if step % config.log_every == 0 or step == total or stopping:
-        scalars = reporting.window_means(history)
-        writer.write_scalars(step, scalars)
-        history = []
-        if not np.isfinite(scalars[f"{config.stages[-1]}/loss"]):
-          raise FloatingPointError(
-              f"Probe loss is not finite at step {step}; lower --config.lr "
-              "(features of this backbone may be large).")
-      if config.eval_every and step % config.eval_every == 0 and step < total:
-        _write_eval(writer, step, evaluate(
-            eval_step, state, backbone.variables,
-            _test_batches(config), mesh))
-      if step % config.checkpoint_every == 0 or step == total or stopping:
-        ckpt.save(step, state)
-      if stopping:
-        logging.warning("Probe stopped at step %d by SIGTERM; rerun the same "
-                        "command to resume.", step)
-        return state, True
-  finally:
-    stop.uninstall()
-  return state, False
+  return loop.run(job(config, workdir)).results
 
 
 def _test_batches(config: ml_collections.ConfigDict):
@@ -398,36 +333,21 @@ def _final_results(config, workdir, backbone, state, mesh, eval_step,
                     backbone.variables, _test_batches(config), mesh)
   step = int(state.step)
   _write_eval(writer, step, stages)
-  results = {
-      "pretrained": config.pretrained,
-      "pretrained_step": backbone.step,
-      "random_init": bool(config.random_init),
-      "backbone": backbone.source,
-      "dataset": config.data.dataset,
-      "eval_split": config.data.eval_split,
-      "steps": step,
-      "epochs": step / steps_per_epoch,
-      "stages": stages,
-  }
+  results = dict(probe.results_header(config, backbone), steps=step,
+                 epochs=step / steps_per_epoch, stages=stages)
   reporting.write_json(workdir, RESULTS_FILE, results)
   return results
 
 
-def main(argv):
-  del argv
-  distributed.initialize()
-  distributed.log_devices()
-  results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+def report(results: dict[str, Any]) -> None:
+  """Logs each stage's accuracies on every process."""
   for stage, r in results.get("stages", {}).items():
     logging.info("Process %d: %s top-1 %.4f top-5 %.4f", jax.process_index(),
                  stage, r["top1"], r["top5"])
 
 
 if __name__ == "__main__":
-  # Defined here, not at import, so that jobs can import each other.
-  config_flags.DEFINE_config_file(
-      "config", None, "Probe config, e.g. configs/linear_probe.py:demo.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for the probe's checkpoints, events and linear_results.json.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_job(
+      run, config_help="Probe config, e.g. configs/linear_probe.py:demo.",
+      workdir_help="Directory for the probe's checkpoints, events and "
+      "linear_results.json.", report=report)
