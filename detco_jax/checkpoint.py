@@ -80,7 +80,7 @@ class Checkpointer:
     directory: `<workdir>/checkpoints`, absolute.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3,
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3,
                asynchronous: bool = True):
     """Opens (creating if needed) the checkpoint directory.
 
@@ -89,6 +89,7 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep.
       asynchronous: write in a background thread after the device copy.
     """
+    workdir = os.fspath(workdir)
     if "://" not in workdir:
       workdir = os.path.abspath(workdir)
     self.directory = os.path.join(workdir, "checkpoints")

@@ -132,7 +132,8 @@ def test_two_processes_resume_exactly_and_match_one_process(builtin_data_dir,
                                                             tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  straight, _ = run_two_processes(tmp_path / "straight", builtin_data_dir,
+  straight_dir = str(tmp_path / "straight")
+  straight, _ = run_two_processes(straight_dir, builtin_data_dir,
                                   total_steps=6, checkpoint_every=1)
   resumable = str(tmp_path / "resumed")
   first, _ = run_two_processes(resumable, builtin_data_dir, total_steps=3,
@@ -146,7 +147,7 @@ def test_two_processes_resume_exactly_and_match_one_process(builtin_data_dir,
   # layout replays the same programs and reductions on the same batches.
   assert resumed == straight
   jax.tree.map(np.testing.assert_array_equal,
-               restore(resumable, 6), restore(tmp_path / "straight", 6))
+               restore(resumable, 6), restore(straight_dir, 6))
 
   reference = subprocess.run(
       [sys.executable, "-c", REFERENCE, builtin_data_dir,
@@ -163,7 +164,7 @@ def test_two_processes_resume_exactly_and_match_one_process(builtin_data_dir,
   # 1.9e-7 relative, params, BN statistics, EMA and queues bit-equal. 1e-5
   # leaves 50x that; a real multi-host bug (a shard read twice, a gradient
   # not averaged over processes) is off by 1e-2 or more.
-  two, single = restore(tmp_path / "straight", 1), restore(tmp_path / "one", 1)
+  two, single = restore(straight_dir, 1), restore(str(tmp_path / "one"), 1)
   for field in ("params", "batch_stats", "opt_state", "ema_params",
                 "ema_batch_stats", "queues"):
     assert relative_difference(getattr(two, field),
