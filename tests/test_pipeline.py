@@ -127,7 +127,8 @@ def test_seed_tags_are_distinct_and_unchanged():
   # The values are part of every stream's data.
   assert {name: int(t) for name, t in tags.items()} == {
       "PRETRAIN_ORDER": 1, "PRETRAIN_VIEWS": 2, "PROBE_ORDER": 3,
-      "PROBE_VIEWS": 4, "DENSE_ORDER": 5, "DENSE_VIEWS": 6}
+      "PROBE_VIEWS": 4, "DENSE_ORDER": 5, "DENSE_VIEWS": 6,
+      "DETECTION_ORDER": 7, "DETECTION_VIEWS": 8}
 
 
 def test_views_differ_across_processes(tmp_path):

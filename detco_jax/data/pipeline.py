@@ -67,6 +67,8 @@ class SeedTag(enum.IntEnum):
   PROBE_VIEWS = 4     # Linear-probe training views.
   DENSE_ORDER = 5     # Per-epoch record order of the dense probe.
   DENSE_VIEWS = 6     # Dense-probe training views (image + mask).
+  DETECTION_ORDER = 7  # Per-epoch record order of detection fine-tuning.
+  DETECTION_VIEWS = 8  # Detection training views (scale, crop, flip).
 
 
 # Element key of the per-slot count of corrupt records, which the streams

@@ -1,0 +1,803 @@
+"""Image + box streams for detection fine-tuning (the RetinaNet transfer).
+
+Datasets (`config.data.dataset`), each read through a feature layout
+(`BOX_FEATURES`, picked by the name's first component or by
+`config.data.box_features`):
+
+  * the built-in `detco_shapes`: "boxes", "box_labels" (10 classes), "index"
+    as the image id;
+  * `coco/2017` (or any `coco/...` config with boxes): "objects/bbox",
+    "objects/label" (80 classes), "objects/is_crowd", "image/id";
+  * `voc/2007`, `voc/2012`: "objects/bbox", "objects/label" (20 classes),
+    "objects/is_difficult"; the image id is the digits of "image/filename"
+    (000005.jpg -> 5, 2008_000008.jpg -> 2008000008). TFDS stores VOC's
+    1-based pixel indices divided by the size, so the layout moves ymin and
+    xmin back by one pixel, as detectron2 does. TFDS's VOC splits are
+    train / validation / test: VOC's "trainval" is "train+validation".
+
+Boxes are read as TFDS stores them (normalised [ymin, xmin, ymax, xmax],
+pixel-edge convention) and come out as XYXY pixels of the S x S output.
+
+Training on several datasets (the paper's VOC07+12): `config.data.
+train_sources`, a sequence of (dataset, split) pairs, replaces (dataset,
+train_split), e.g. `(("voc/2007", "train+validation"), ("voc/2012",
+"train+validation"))`. All must share the class names of
+`config.data.dataset`, which stays the evaluation dataset. Each process reads
+its own shard of every part; an epoch is every record of every part once, the
+parts interleaved in an order drawn per epoch (not one after the other).
+
+Streams (numpy batches of this process's share b of the global batch; G =
+`config.data.max_boxes`):
+
+  * `make_train_iterator`: infinite, resumable. Per example: horizontal flip
+    (probability `views.flip_prob`), then multi-scale jitter: the image is
+    resized (bilinear) so that its LONGER side is S * u, u ~ U(
+    `views.scale_range`), then cut at a uniformly drawn offset to S x S where
+    larger and padded bottom/right with `views.pad_value` where smaller (TF
+    Model Garden's `resize_and_crop_image` rule). Boxes move with the image,
+    are clipped to the image, and are dropped if their clipped width or
+    height is below `views.min_box_size` pixels; COCO crowd boxes are
+    dropped too (VOC difficult boxes are kept, as detectron2 trains on
+    them). Keys:
+      "image"  uint8 [b, S, S, 3];
+      "boxes"  float32 [b, G, 4] XYXY (x1, y1, x2, y2) in pixels of the
+               output image, 0 for padding;
+      "labels" int32 [b, G] class ids in [0, K), -1 for padding;
+      "valid"  bool [b, G], the kept boxes first, then padding (False).
+  * `make_test_iterator`: one pass over this process's shard of
+    `config.data.eval_split`, padded to whole batches (`pipeline.
+    padded_pass`). Per example: the longer side resized to exactly S, padded
+    bottom/right to S x S; every box is kept (the ground truth of AP).
+    Keys: the four above, plus
+      "crowd"  bool [b, G] boxes that AP ignores (COCO is_crowd, VOC
+               difficult), written as `iscrowd` 1 by `eval.coco`;
+      "image_id" int64 [b] the dataset's image id, -1 for padding;
+      "mask"   int32 [b] 1 real example, 0 padding (image 0, no boxes);
+      "height", "width" int32 [b] the real (unpadded) image inside the S x S
+               output: pixels [0, height) x [0, width);
+      "source_height", "source_width" int32 [b] the decoded image's size,
+               to map boxes back to the dataset's pixels.
+
+Boxes beyond G (after dropping) are cut, in stored order; the iterator counts
+them (`BoxIterator.num_truncated`) and strips the count from the batches,
+like `num_corrupt`. COCO has at most 93 boxes in an image, so G = 100 keeps
+all of them. Images without boxes stay in the stream (all padding).
+
+Seeds and resume follow `pipeline`: the record order of epoch e comes from
+(seed_key(config.seed, SeedTag.DETECTION_ORDER), e); slot p of process i
+gets its flip, scale and crop from `view_seed(seed_key(config.seed, i,
+SeedTag.DETECTION_VIEWS), p)`; `start_step=s` starts at slot s * b, equal
+batch for batch to an uninterrupted stream from step s on. Corrupt images are
+handled as in `pipeline`.
+
+Config fields read (defaults in brackets):
+
+  config.seed, config.batch_size (GLOBAL, training only);
+  config.data: dataset, train_split ["train"], train_sources [None],
+    eval_split, box_features [None: from the dataset name; it names the
+    layout of `dataset` only, other train_sources go by their names],
+    max_boxes [100],
+    data_dir, shuffle_buffer, prefetch [2], builtin_image_size /
+    builtin_num_train / builtin_num_test (the built-in dataset only);
+  config.views: image_size (S, required), scale_range [(0.8, 1.25)],
+    flip_prob [0.5], min_box_size [1.0 pixel], pad_value [(124, 116, 104)].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from detco_jax.data import pipeline
+from detco_jax.data import sources
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# Element key of the per-example count of boxes cut at `max_boxes`, which
+# `BoxIterator` strips and sums.
+TRUNCATED = "truncated"
+
+# The ImageNet mean in uint8: padding that the backbone's (ImageNet)
+# normalisation maps to about 0, as detectron2 and the TF Model Garden pad
+# their normalised images with 0.
+PAD_VALUE = (124, 116, 104)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxFeatures:
+  """Where a TFDS dataset keeps its boxes (flat `tf_example_spec` keys).
+
+  Attributes:
+    boxes: float [n, 4] normalised [ymin, xmin, ymax, xmax].
+    labels: int [n] class ids (a `ClassLabel`, which names the classes).
+    image_id: the image id: an int feature, or a file name (see below).
+    image: the encoded image.
+    id_from_filename: `image_id` is a file name whose digits are the id.
+    crowd: bool [n] boxes left out of training and ignored by AP, or None.
+    difficult: bool [n] boxes trained on but ignored by AP, or None.
+    one_based: the stored minima are 1-based pixel indices over the size
+      (VOC through TFDS): ymin and xmin are moved back one pixel.
+  """
+  boxes: str
+  labels: str
+  image_id: str
+  image: str = "image"
+  id_from_filename: bool = False
+  crowd: Optional[str] = None
+  difficult: Optional[str] = None
+  one_based: bool = False
+
+  def keys(self) -> list[str]:
+    """The features that decoding parses."""
+    return [k for k in (self.image, self.boxes, self.labels, self.image_id,
+                        self.crowd, self.difficult) if k is not None]
+
+
+# Layouts by the dataset name's first component (`config.data.box_features`
+# names one for any other dataset stored the same way).
+BOX_FEATURES = {
+    sources.BUILTIN_NAME: BoxFeatures(boxes="boxes", labels="box_labels",
+                                      image_id="index"),
+    "coco": BoxFeatures(boxes="objects/bbox", labels="objects/label",
+                        image_id="image/id", crowd="objects/is_crowd"),
+    "voc": BoxFeatures(boxes="objects/bbox", labels="objects/label",
+                       image_id="image/filename", id_from_filename=True,
+                       difficult="objects/is_difficult", one_based=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxViewSpec:
+  """Geometry of the detection views, validated (from `config.views`).
+
+  Attributes:
+    image_size: side S of the square output.
+    scale_range: training draws the longer side as S * U(scale_range).
+    flip_prob: probability of a horizontal flip in training.
+    min_box_size: training drops boxes narrower or lower than this (pixels
+      of the output) after clipping.
+    pad_value: RGB uint8 fill of the output outside the image.
+    max_boxes: G, boxes per example after padding or truncation.
+  """
+  image_size: int
+  scale_range: tuple[float, float] = (0.8, 1.25)
+  flip_prob: float = 0.5
+  min_box_size: float = 1.0
+  pad_value: tuple[int, int, int] = PAD_VALUE
+  max_boxes: int = 100
+
+  def __post_init__(self):
+    lo, hi = self.scale_range
+    if not 0.0 < lo <= hi:
+      raise ValueError(f"views.scale_range must be (lo, hi) with 0 < lo <= "
+                       f"hi, got {self.scale_range}.")
+    if self.image_size < 1:
+      raise ValueError(f"views.image_size must be >= 1, got "
+                       f"{self.image_size}.")
+    if not 0.0 <= self.flip_prob <= 1.0:
+      raise ValueError(f"views.flip_prob must be in [0, 1], got "
+                       f"{self.flip_prob}.")
+    if self.min_box_size < 0:
+      raise ValueError(f"views.min_box_size must be >= 0, got "
+                       f"{self.min_box_size}.")
+    if len(self.pad_value) != 3 or not all(0 <= v <= 255
+                                           for v in self.pad_value):
+      raise ValueError(f"views.pad_value must be 3 values in [0, 255], got "
+                       f"{self.pad_value}.")
+    if self.max_boxes < 1:
+      raise ValueError(f"data.max_boxes must be >= 1, got {self.max_boxes}.")
+
+  @classmethod
+  def from_config(cls, config: Any) -> "BoxViewSpec":
+    """The spec of `config.views` and `config.data.max_boxes`.
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      The validated spec.
+    """
+    v = config.views
+    pad = v.get("pad_value", PAD_VALUE)
+    pad = (int(pad),) * 3 if np.ndim(pad) == 0 else tuple(int(p) for p in pad)
+    return cls(
+        image_size=int(v.image_size),
+        scale_range=tuple(float(s) for s in v.get("scale_range",
+                                                  (0.8, 1.25))),
+        flip_prob=float(v.get("flip_prob", 0.5)),
+        min_box_size=float(v.get("min_box_size", 1.0)),
+        pad_value=pad,
+        max_boxes=int(config.data.get("max_boxes", 100)))
+
+
+class BoxIterator(pipeline.InputIterator):
+  """An `InputIterator` that also counts the boxes cut at `max_boxes`."""
+
+  def __init__(self, dataset: tf.data.Dataset, **kwargs: Any):
+    super().__init__(dataset, **kwargs)
+    self._num_truncated = 0
+
+  @classmethod
+  def of(cls, iterator: pipeline.InputIterator) -> "BoxIterator":
+    """The same stream as `iterator` (e.g. `pipeline.padded_pass`'s).
+
+    Args:
+      iterator: an iterator not read yet; it is left unused.
+
+    Returns:
+      A `BoxIterator` over `iterator.dataset`.
+    """
+    return cls(iterator.dataset, batch_size=iterator.batch_size,
+               num_examples=iterator.num_examples,
+               num_batches=iterator.num_batches)
+
+  @property
+  def num_truncated(self) -> int:
+    """Boxes beyond `max_boxes` left out of the batches handed out."""
+    return self._num_truncated
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = super().__next__()
+    self._num_truncated += int(batch.pop(TRUNCATED).sum())
+    return batch
+
+
+# ----------------------------------------------------------------------------
+# Sources: records of one or more TFDS datasets, decoded with their boxes.
+
+
+def box_features(config_data: Any) -> BoxFeatures:
+  """The feature layout of `config_data.dataset`.
+
+  Args:
+    config_data: the `config.data` section (dataset, box_features).
+
+  Returns:
+    `BOX_FEATURES[config.data.box_features]` if set, else the entry of the
+    dataset name's first component ("coco/2017" -> "coco").
+
+  Raises:
+    sources.DatasetUnavailableError: no layout for the dataset.
+  """
+  name = config_data.dataset
+  key = config_data.get("box_features") or name.split("/")[0].split(":")[0]
+  if key not in BOX_FEATURES:
+    raise sources.DatasetUnavailableError(
+        f"No box feature layout for dataset {name!r}: detection reads "
+        f"{sorted(BOX_FEATURES)}. For a TFDS dataset stored like one of them, "
+        "set config.data.box_features to its name.")
+  return BOX_FEATURES[key]
+
+
+def _class_label(features: Any, key: str) -> tfds.features.ClassLabel:
+  """The `ClassLabel` of a flat key such as "objects/label" or "box_labels"."""
+  feature, rest = features, key
+  while rest:
+    if rest in feature:
+      feature, rest = feature[rest], ""
+    else:
+      head, _, rest = rest.partition("/")
+      feature = feature[head]
+  while isinstance(feature, tfds.features.Sequence):
+    feature = feature.feature
+  if not isinstance(feature, tfds.features.ClassLabel):
+    raise sources.DatasetUnavailableError(
+        f"Box label feature {key!r} is not a ClassLabel: {feature}.")
+  return feature
+
+
+def _class_names(config_data: Any) -> tuple[str, ...]:
+  layout = box_features(config_data)
+  features = sources.tfds_builder(config_data).info.features
+  return tuple(_class_label(features, layout.labels).names)
+
+
+def _brief(names: Sequence[str]) -> str:
+  """A class list for an error message: its size and first names."""
+  return f"({len(names)}: {', '.join(names[:3])}, ...)"
+
+
+def class_names(config: Any) -> tuple[str, ...]:
+  """The names of the detection classes of `config.data.dataset`, in id order.
+
+  Args:
+    config: the experiment config (`data`).
+
+  Returns:
+    K names; class id k (a "labels" value) is `class_names(config)[k]`.
+  """
+  return _class_names(config.data)
+
+
+def num_classes(config: Any) -> int:
+  """K, the number of detection classes of `config.data.dataset`."""
+  return len(class_names(config))
+
+
+def make_decoder(features: Any, layout: BoxFeatures
+                 ) -> Callable[[tf.Tensor], dict[str, Any]]:
+  """Decoding of one serialized TFDS example with boxes (graph code).
+
+  Args:
+    features: the dataset's `tfds.features.FeaturesDict`.
+    layout: where its boxes are.
+
+  Returns:
+    `decode(serialized)` -> {"image": uint8 [H, W, 3], "label": {"boxes":
+    float32 [n, 4] normalised [ymin, xmin, ymax, xmax], "classes": int32
+    [n], "crowd": bool [n], "difficult": bool [n], "image_id": int64}}. The
+    objects travel as the record's "label", so that the pipeline's slot
+    stream carries them unchanged.
+
+  Raises:
+    sources.DatasetUnavailableError: a feature of the layout is missing.
+  """
+  spec = features.tf_example_spec
+  missing = [k for k in layout.keys() if k not in spec]
+  if missing:
+    raise sources.DatasetUnavailableError(
+        f"The dataset has no features {missing} of its box layout (set "
+        f"config.data.box_features); features: {sorted(spec)}.")
+  parse_spec = {k: spec[k] for k in layout.keys()}
+
+  def flags(example: dict[str, tf.Tensor], key: Optional[str],
+            n: tf.Tensor) -> tf.Tensor:
+    if key is None:
+      return tf.zeros([n], tf.bool)
+    return tf.cast(example[key], tf.bool)
+
+  def decode(serialized: tf.Tensor) -> dict[str, Any]:
+    example = tf.io.parse_single_example(serialized, parse_spec)
+    image = sources.decode_image(example[layout.image])
+    boxes = tf.reshape(tf.cast(example[layout.boxes], tf.float32), [-1, 4])
+    if layout.one_based:
+      pixel = 1.0 / tf.cast(tf.shape(image)[:2], tf.float32)
+      boxes = tf.maximum(boxes - tf.concat([pixel, [0.0, 0.0]], 0), 0.0)
+    n = tf.shape(boxes)[0]
+    image_id = example[layout.image_id]
+    if layout.id_from_filename:
+      digits = tf.strings.regex_replace(image_id, "[^0-9]", "")
+      image_id = tf.strings.to_number(digits, tf.int64)
+    objects = {
+        "boxes": boxes,
+        "classes": tf.cast(example[layout.labels], tf.int32),
+        "crowd": flags(example, layout.crowd, n),
+        "difficult": flags(example, layout.difficult, n),
+        "image_id": tf.cast(image_id, tf.int64),
+    }
+    return {"image": image, "label": objects}
+
+  return decode
+
+
+def _part_config(config_data: Any, dataset: str) -> Any:
+  """`config_data` reading `dataset` instead of its own.
+
+  `box_features` names the layout of `config_data.dataset`; another dataset
+  gets the layout of its name.
+  """
+  if dataset == config_data.dataset:
+    return config_data
+  part = ml_collections.ConfigDict(config_data.to_dict())
+  part.dataset = dataset
+  part.box_features = None
+  return part
+
+
+def train_parts(config_data: Any) -> list[tuple[str, str]]:
+  """The (dataset, split) pairs of training.
+
+  Args:
+    config_data: the `config.data` section.
+
+  Returns:
+    `train_sources` if set, else [(dataset, train_split)].
+  """
+  parts = config_data.get("train_sources")
+  if not parts:
+    return [(config_data.dataset, config_data.get("train_split", "train"))]
+  return [(str(dataset), str(split)) for dataset, split in parts]
+
+
+def open_box_source(config_data: Any, parts: Sequence[tuple[str, str]], *,
+                    process_index: int, process_count: int,
+                    drop_remainder: bool) -> sources.Source:
+  """This process's shard of the (dataset, split) parts, as one source.
+
+  Args:
+    config_data: the `config.data` section.
+    parts: (dataset, split) pairs; their classes must be those of
+      `config_data.dataset`.
+    process_index: this process.
+    process_count: number of processes.
+    drop_remainder: equal shards per part (training) or every example.
+
+  Returns:
+    A source whose records are {"part": int32, "record": serialized} and
+    whose `decode` is `make_decoder`'s for the record's part.
+    `records(seed)` interleaves the parts in a seeded order that takes every
+    record of every part once; without a seed it reads them in order.
+
+  Raises:
+    sources.DatasetUnavailableError: a folder dataset, a missing dataset or
+      feature.
+    ValueError: parts whose class names differ from the dataset's.
+  """
+  # Training parts must name the classes of the evaluation dataset.
+  expected = (None if all(d == config_data.dataset for d, _ in parts)
+              else _class_names(config_data))
+  shards, decoders = [], []
+  for dataset, split in parts:
+    if dataset.startswith(sources.FOLDER_PREFIX):
+      raise sources.DatasetUnavailableError(
+          f"Detection needs boxes; {dataset!r} is a folder of images. Use "
+          f"a TFDS dataset with boxes ({', '.join(sorted(BOX_FEATURES))}).")
+    part_data = _part_config(config_data, dataset)
+    layout = box_features(part_data)
+    features = sources.tfds_builder(part_data).info.features
+    names = tuple(_class_label(features, layout.labels).names)
+    if expected is not None and names != expected:
+      raise ValueError(
+          f"Detection dataset {dataset!r} has the classes {_brief(names)}, "
+          f"unlike {config_data.dataset!r} (config.data.dataset) "
+          f"{_brief(expected)}: config.data.train_sources must share the "
+          "classes of the evaluation dataset.")
+    expected = names
+    decoders.append(make_decoder(features, layout))
+    shards.append(sources.open_source(
+        part_data, split, process_index=process_index,
+        process_count=process_count, drop_remainder=drop_remainder))
+  counts = [s.num_examples for s in shards]
+
+  def records(seed: Optional[tf.Tensor]) -> tf.data.Dataset:
+    streams = [
+        s.records(None if seed is None else
+                  tf.random.experimental.stateless_fold_in(seed, i))
+        .map(lambda r, i=i: {"part": tf.constant(i, tf.int32), "record": r})
+        for i, s in enumerate(shards)]
+    if len(streams) == 1:
+      return streams[0]
+    if seed is None:
+      ds = streams[0]
+      for s in streams[1:]:
+        ds = ds.concatenate(s)
+      return ds
+    # Exactly counts[i] draws of part i, in a seeded order: the epoch mixes
+    # the parts throughout, and still reads every record once.
+    choice = tf.concat([tf.fill([n], tf.constant(i, tf.int64))
+                        for i, n in enumerate(counts)], 0)
+    choice = tf.random.experimental.stateless_shuffle(choice, seed)
+    return tf.data.Dataset.choose_from_datasets(
+        streams, tf.data.Dataset.from_tensor_slices(choice))
+
+  def decode(record: dict[str, tf.Tensor]) -> dict[str, Any]:
+    if len(decoders) == 1:
+      return decoders[0](record["record"])
+    return tf.switch_case(record["part"], [
+        lambda d=d: d(record["record"]) for d in decoders])
+
+  first = shards[0]
+  return sources.Source(
+      name="+".join(s.name for s in shards),
+      split="+".join(s.split for s in shards), num_examples=sum(counts),
+      split_size=sum(s.split_size for s in shards), num_classes=len(expected),
+      process_index=first.process_index, process_count=first.process_count,
+      _records=records, _decode=decode)
+
+
+# ----------------------------------------------------------------------------
+# Views: one geometry for image and boxes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Where an image lands in the S x S output (int32 / bool scalar tensors).
+
+  The (flipped) image is resized to height x width, and the output shows its
+  window [top, top + S) x [left, left + S), padded where it ends early.
+
+  Attributes:
+    flip: mirror the source horizontally first.
+    height: resized height.
+    width: resized width.
+    top: first row of the window.
+    left: first column of the window.
+  """
+  flip: tf.Tensor
+  height: tf.Tensor
+  width: tf.Tensor
+  top: tf.Tensor
+  left: tf.Tensor
+
+
+def _geometry(image_shape: tf.Tensor, size: int, longer_side: tf.Tensor,
+              offsets: tf.Tensor, flip: tf.Tensor) -> Geometry:
+  """The geometry that resizes the longer side to `longer_side` pixels.
+
+  Args:
+    image_shape: (height, width, ...) of the source.
+    size: S.
+    longer_side: float64 target length of the longer side.
+    offsets: float64 [2] in [0, 1): where the window starts, as a fraction
+      of the room (resized side - S + 1) along y and x.
+    flip: bool scalar.
+
+  Returns:
+    The geometry; each resized side is at least 1 pixel.
+  """
+  shape = tf.cast(image_shape[:2], tf.float64)
+  scale = longer_side / tf.reduce_max(shape)
+  resized = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
+  room = tf.maximum(resized - size, 0)
+  start = tf.cast(tf.floor(offsets * tf.cast(room + 1, tf.float64)), tf.int32)
+  start = tf.minimum(start, room)
+  return Geometry(flip=flip, height=resized[0], width=resized[1],
+                  top=start[0], left=start[1])
+
+
+def sample_geometry(seed: tf.Tensor, image_shape: tf.Tensor,
+                    spec: BoxViewSpec) -> Geometry:
+  """The training geometry of one example: flip, scale jitter and crop.
+
+  Args:
+    seed: [2] int stateless seed (the slot's `pipeline.view_seed`).
+    image_shape: (height, width, ...) of the source image.
+    spec: the view spec.
+
+  Returns:
+    The longer side resized to S * u, u ~ U(spec.scale_range); the window's
+    offsets uniform over the whole-pixel positions; a flip with probability
+    `spec.flip_prob`.
+  """
+  u = tf.random.stateless_uniform([4], seed, dtype=tf.float64)
+  lo, hi = spec.scale_range
+  longer = spec.image_size * (lo + (hi - lo) * u[0])
+  return _geometry(image_shape, spec.image_size, longer, u[1:3],
+                   u[3] < spec.flip_prob)
+
+
+def test_geometry(image_shape: tf.Tensor, size: int) -> Geometry:
+  """The fixed test geometry: the longer side to exactly `size`, no flip."""
+  return _geometry(image_shape, size, tf.constant(size, tf.float64),
+                   tf.zeros([2], tf.float64), tf.constant(False))
+
+
+def render(image: tf.Tensor, geometry: Geometry, spec: BoxViewSpec
+           ) -> tf.Tensor:
+  """The S x S output image of a geometry (bilinear, half-pixel centres).
+
+  Args:
+    image: uint8 [H, W, 3].
+    geometry: where it lands.
+    spec: the view spec (image_size, pad_value).
+
+  Returns:
+    uint8 [S, S, 3].
+  """
+  size = spec.image_size
+  image = tf.cond(geometry.flip, lambda: tf.reverse(image, axis=[1]),
+                  lambda: image)
+  resized = tf.image.resize(image, tf.stack([geometry.height, geometry.width]),
+                            method="bilinear")
+  window = resized[geometry.top:geometry.top + size,
+                   geometry.left:geometry.left + size]
+  pad = tf.constant(spec.pad_value, tf.float32)
+  room = size - tf.shape(window)[:2]
+  # Padding with 0 around (window - pad) and adding pad back fills the
+  # outside with the per-channel `pad` value.
+  canvas = tf.pad(window - pad, [[0, room[0]], [0, room[1]], [0, 0]]) + pad
+  return tf.ensure_shape(tf.saturate_cast(tf.round(canvas), tf.uint8),
+                         [size, size, 3])
+
+
+def pixel_boxes(boxes: tf.Tensor, geometry: Geometry, size: int) -> tf.Tensor:
+  """Normalised source boxes -> XYXY pixels of the output, clipped.
+
+  With half-pixel centres, a resize maps edge coordinates linearly (y ->
+  y * height / H), so a normalised box lands at exactly [ymin * height,
+  ...] of the resized image; the flip mirrors x -> 1 - x before.
+
+  Args:
+    boxes: float32 [n, 4] normalised [ymin, xmin, ymax, xmax].
+    geometry: where the image lands.
+    size: S.
+
+  Returns:
+    float32 [n, 4] (x1, y1, x2, y2), clipped to the image's part of the
+    output: [0, min(S, width - left)] x [0, min(S, height - top)].
+  """
+  ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=1)
+  xmin, xmax = (tf.where(geometry.flip, 1.0 - xmax, xmin),
+                tf.where(geometry.flip, 1.0 - xmin, xmax))
+  h = tf.cast(geometry.height, tf.float32)
+  w = tf.cast(geometry.width, tf.float32)
+  top = tf.cast(geometry.top, tf.float32)
+  left = tf.cast(geometry.left, tf.float32)
+  y_max = tf.minimum(float(size), h - top)
+  x_max = tf.minimum(float(size), w - left)
+  ys = [tf.clip_by_value(y * h - top, 0.0, y_max) for y in (ymin, ymax)]
+  xs = [tf.clip_by_value(x * w - left, 0.0, x_max) for x in (xmin, xmax)]
+  return tf.stack([xs[0], ys[0], xs[1], ys[1]], axis=1)
+
+
+def pack(keep: tf.Tensor, max_boxes: int, **per_box: tf.Tensor
+         ) -> dict[str, tf.Tensor]:
+  """The kept boxes first, padded or cut to `max_boxes`.
+
+  Args:
+    keep: bool [n].
+    max_boxes: G.
+    **per_box: [n, ...] tensors to pack alike; "labels" pads with -1, the
+      others with 0 / False.
+
+  Returns:
+    Each of `per_box` as [G, ...], "valid" bool [G] and `TRUNCATED` (int32:
+    kept boxes beyond G).
+  """
+  index = tf.where(keep)[:, 0]
+  kept = tf.size(index)
+  index = index[:max_boxes]
+  count = tf.size(index)
+  out = {}
+  for key, value in per_box.items():
+    value = tf.gather(value, index)
+    fill = -1 if key == "labels" else 0
+    padding = [[0, max_boxes - count]] + [[0, 0]] * (value.shape.rank - 1)
+    value = tf.pad(value, padding, constant_values=tf.cast(fill, value.dtype))
+    out[key] = tf.ensure_shape(value, [max_boxes] + value.shape[1:])
+  out["valid"] = tf.range(max_boxes) < count
+  out[TRUNCATED] = tf.cast(kept - count, tf.int32)
+  return out
+
+
+def train_view(image: tf.Tensor, objects: dict[str, tf.Tensor],
+               seed: tf.Tensor, spec: BoxViewSpec) -> dict[str, tf.Tensor]:
+  """One training example: flip, scale jitter, crop/pad; boxes alike.
+
+  Args:
+    image: uint8 [H, W, 3].
+    objects: the decoded "label" of `make_decoder`.
+    seed: [2] int stateless seed of the slot.
+    spec: the view spec.
+
+  Returns:
+    {"image": uint8 [S, S, 3], "boxes": float32 [G, 4] XYXY pixels,
+    "labels": int32 [G], "valid": bool [G], TRUNCATED: int32}.
+  """
+  geometry = sample_geometry(seed, tf.shape(image), spec)
+  boxes = pixel_boxes(objects["boxes"], geometry, spec.image_size)
+  width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+  keep = ((width >= spec.min_box_size) & (height >= spec.min_box_size) &
+          (width > 0) & (height > 0) & ~objects["crowd"])
+  out = pack(keep, spec.max_boxes, boxes=boxes, labels=objects["classes"])
+  out["image"] = render(image, geometry, spec)
+  return out
+
+
+def test_view(image: tf.Tensor, objects: dict[str, tf.Tensor],
+              spec: BoxViewSpec) -> dict[str, tf.Tensor]:
+  """One test example: the longer side to S, padded; every box kept.
+
+  Args:
+    image: uint8 [H, W, 3].
+    objects: the decoded "label" of `make_decoder`.
+    spec: the view spec.
+
+  Returns:
+    The test stream's per-example keys (module docstring) but "mask".
+  """
+  geometry = test_geometry(tf.shape(image), spec.image_size)
+  boxes = pixel_boxes(objects["boxes"], geometry, spec.image_size)
+  keep = tf.ones([tf.shape(boxes)[0]], tf.bool)
+  out = pack(keep, spec.max_boxes, boxes=boxes, labels=objects["classes"],
+             crowd=objects["crowd"] | objects["difficult"])
+  shape = tf.shape(image)
+  out.update(image=render(image, geometry, spec),
+             image_id=objects["image_id"], height=geometry.height,
+             width=geometry.width, source_height=shape[0],
+             source_width=shape[1])
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Streams.
+
+
+def make_train_iterator(config: Any, *, start_step: int = 0,
+                        process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> BoxIterator:
+  """Infinite, resumable detection training batches of this process.
+
+  Args:
+    config: the detection config (seed, batch_size, data, views).
+    start_step: first step; equal to an uninterrupted stream from there on.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+
+  Returns:
+    A `BoxIterator` of {"image", "boxes", "labels", "valid"} (module
+    docstring), b = config.batch_size // process_count.
+
+  Raises:
+    ValueError: bad batch size, start step or views config.
+    sources.DatasetUnavailableError: dataset missing or without boxes.
+  """
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
+  batch = pipeline.per_process_batch(config.batch_size, process_count,
+                                     "config.batch_size")
+  spec = BoxViewSpec.from_config(config)
+  source = open_box_source(config.data, train_parts(config.data),
+                           process_index=process_index,
+                           process_count=process_count, drop_remainder=True)
+  source.check_decodable()
+  tags = pipeline.SeedTag
+  stream = pipeline.slot_stream(
+      source, order_key=pipeline.seed_key(config.seed, tags.DETECTION_ORDER),
+      start_position=start_step * batch)
+  view_key = pipeline.seed_key(config.seed, process_index,
+                               tags.DETECTION_VIEWS)
+
+  def make_view(example: dict[str, Any]) -> dict[str, tf.Tensor]:
+    seed = pipeline.view_seed(view_key, example["position"])
+    out = train_view(example["image"], example["label"], seed, spec)
+    out[pipeline.CORRUPT] = example[pipeline.CORRUPT]
+    return out
+
+  ds = stream.map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return BoxIterator(pipeline.batched(ds, batch, config), batch_size=batch,
+                     num_examples=source.num_examples)
+
+
+def make_test_iterator(config: Any, *, batch_size: int,
+                       process_index: Optional[int] = None,
+                       process_count: Optional[int] = None) -> BoxIterator:
+  """One pass over this process's shard of `config.data.eval_split`, padded.
+
+  Args:
+    config: the detection config (data, views).
+    batch_size: GLOBAL batch size, split evenly over processes.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+
+  Returns:
+    A `BoxIterator` of the test keys (module docstring); every process gets
+    the same `num_batches` (enough for the largest shard), so they stay in
+    step.
+  """
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
+  batch = pipeline.per_process_batch(batch_size, process_count)
+  spec = BoxViewSpec.from_config(config)
+  source = open_box_source(
+      config.data, [(config.data.dataset, config.data.eval_split)],
+      process_index=process_index, process_count=process_count,
+      drop_remainder=False)
+
+  def make_view(example: dict[str, Any]) -> dict[str, tf.Tensor]:
+    out = test_view(example["image"], example["label"], spec)
+    out["mask"] = tf.constant(1, tf.int32)
+    return out
+
+  size, boxes = spec.image_size, spec.max_boxes
+  zero = tf.constant(0, tf.int32)
+  padding = {
+      "image": tf.zeros([size, size, 3], tf.uint8),
+      "boxes": tf.zeros([boxes, 4], tf.float32),
+      "labels": tf.fill([boxes], -1),
+      "valid": tf.zeros([boxes], tf.bool),
+      "crowd": tf.zeros([boxes], tf.bool),
+      "image_id": tf.constant(-1, tf.int64),
+      "mask": zero, "height": zero, "width": zero, "source_height": zero,
+      "source_width": zero, TRUNCATED: zero,
+  }
+  return BoxIterator.of(pipeline.padded_pass(
+      source, process_count, batch, make_view, padding,
+      prefetch=int(config.data.get("prefetch", 2))))
