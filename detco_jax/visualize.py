@@ -3,7 +3,9 @@
   * `views_panel`: one pretraining sample's four views, as the encoders see
     them;
   * `grid`: attention maps of several backbones over the same images
-    (`eval.attention`), with a header row naming the columns.
+    (`eval.attention`), with a header row naming the columns;
+  * `detections_grid`: a detector's boxes beside the ground truth
+    (`eval.detection`).
 """
 
 from typing import Sequence
@@ -169,3 +171,80 @@ def _stack(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
   for part in parts[1:]:
     out += [gap, part]
   return np.concatenate(out, axis=axis)
+
+
+# ----------------------------------------------------------------------------
+# Detections.
+
+# One colour per class (cycled), bright on any background.
+_BOX_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+                (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                (240, 50, 230), (210, 245, 60), (250, 190, 212))
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str],
+               classes: np.ndarray, side: int) -> np.ndarray:
+  """`image` enlarged to `side` px with labelled boxes drawn on it.
+
+  Args:
+    image: uint8 [S, S, 3].
+    boxes: [n, 4] XYXY pixels of `image`.
+    labels: n captions (class name, maybe with a score).
+    classes: [n] class ids, for the colours.
+    side: the output tile's side.
+
+  Returns:
+    uint8 [side, side, 3].
+  """
+  tile = Image.fromarray(_resized(image, side))
+  draw = ImageDraw.Draw(tile)
+  font = ImageFont.load_default()
+  scale = side / image.shape[0]
+  for box, label, k in zip(boxes, labels, classes):
+    colour = _BOX_COLOURS[int(k) % len(_BOX_COLOURS)]
+    x0, y0, x1, y1 = (float(v) * scale for v in box)
+    draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
+    draw.text((x0 + 2, max(y0 - 11, 0)), label, fill=colour, font=font)
+  return np.asarray(tile)
+
+
+def detections_grid(images: np.ndarray, class_names: Sequence[str], *,
+                    predicted: tuple[np.ndarray, ...],
+                    truth: tuple[np.ndarray, ...],
+                    side: int | None = None) -> np.ndarray:
+  """The picture: one row per image, its detections beside its ground truth.
+
+  Args:
+    images: uint8 [N, S, S, 3].
+    class_names: the K class names.
+    predicted: (boxes [N, D, 4], classes [N, D], scores [N, D], keep [N, D]
+      bool): the detections to draw.
+    truth: (boxes [N, G, 4], classes [N, G], valid [N, G] bool).
+    side: tile side in px; default twice `tile_size(S)` (room for captions).
+
+  Returns:
+    uint8 [HEADER_PX + N * (side + GAP_PX) - GAP_PX, 2 * side + GAP_PX, 3].
+  """
+  side = side or 2 * tile_size(images.shape[1])
+  p_boxes, p_classes, p_scores, p_keep = predicted
+  t_boxes, t_classes, t_valid = truth
+  rows = []
+  for i, image in enumerate(images):
+    keep, real = np.asarray(p_keep[i], bool), np.asarray(t_valid[i], bool)
+    predicted_tile = draw_boxes(
+        image, p_boxes[i][keep],
+        [f"{class_names[int(k)]} {s:.2f}"
+         for k, s in zip(p_classes[i][keep], p_scores[i][keep])],
+        p_classes[i][keep], side)
+    truth_tile = draw_boxes(image, t_boxes[i][real],
+                            [class_names[int(k)] for k in t_classes[i][real]],
+                            t_classes[i][real], side)
+    rows.append(_stack([predicted_tile, truth_tile], axis=1))
+  header = Image.new("RGB", (2 * side + GAP_PX, HEADER_PX), "white")
+  draw = ImageDraw.Draw(header)
+  draw.text((2, 8), "predicted (class score)", fill="black")
+  draw.text((side + GAP_PX + 2, 8), "ground truth", fill="black")
+  body = _stack(rows, axis=0)
+  return np.concatenate(
+      [np.asarray(header), np.full((GAP_PX, body.shape[1], 3), 255, np.uint8),
+       body], axis=0)

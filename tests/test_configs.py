@@ -13,6 +13,7 @@ import pytest
 
 from configs import common
 from configs import dense_probe
+from configs import detection
 from configs import detco as detco_config
 from configs import linear_probe
 from configs import mocov2
@@ -20,7 +21,8 @@ from detco_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"detco": detco_config, "mocov2": mocov2,
-           "linear_probe": linear_probe, "dense_probe": dense_probe}
+           "linear_probe": linear_probe, "dense_probe": dense_probe,
+           "detection": detection}
 
 
 def load_config_file(name, arg=None):

@@ -1,0 +1,167 @@
+r"""Detection transfer (RetinaNet) of a pretrained backbone: data and views.
+
+  python -m detco_jax.eval.detection --config=configs/detection.py:demo \
+      --config.pretrained=$PRETRAIN_WORKDIR --workdir=$DETECTION_WORKDIR
+
+The backbone comes from a pretraining run's workdir (`pretrained`,
+`pretrained_step`; `random_init=True` for the untrained floor) and keeps its
+architecture; `model` describes the FPN, anchors and head around it.
+Defaults follow detectron2's RetinaNet R50-FPN 1x (Base-RetinaNet.yaml):
+P3..P7, anchors 32..512 with 3 scales per octave and ratios 0.5/1/2, IoU
+thresholds 0.4/0.5, focal alpha 0.25 gamma 2, an L1 box loss, SGD lr 0.01 at
+batch 16 with momentum 0.9 and weight decay 1e-4, 1,000 warm-up steps and 90k
+iterations with x0.1 at 60k and 80k (scaled to the batch: the schedule is
+counted in images). Backbone BN is synchronised over the global batch, as
+the paper's transfer configs use, and every stage trains.
+
+Views: static S x S inputs, so that the detector runs on TPUs as well as
+GPUs. Training flips, resizes the longer side to S * U(scale_range) and crops
+or pads to S x S; testing resizes the longer side to S and pads. At 1024 px
+a 4:3 COCO image trains with its shorter side in 614..960 and tests at 768,
+around detectron2's 640..800 / 800 (whose inputs are not square).
+
+Variants (`--config=configs/detection.py:VARIANT`):
+
+  (default)  COCO 2017 (`tfds build coco/2017`), train -> validation, 80
+             classes (a "1x"-like setting: batch 16, 1024 px).
+  voc        VOC07+12: VOC 2007 and 2012 trainval (TFDS "train+validation")
+             -> VOC 2007 test, 20 classes.
+  demo       the built-in `detco_shapes` at the demo pretraining's 64 px.
+  tiny       a few-step smoke configuration for tests (32 px).
+
+Arguments (`name=value` after the variants, configs/common.py):
+
+  seed=N     the data order and views (and the job's initialisation).
+  steps=N    train N steps (`total_steps`); the x0.1 drops stay at the same
+             fractions of the run, e.g. `:demo,steps=600`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """COCO 2017 at 1024 px."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  common.add_backbone_source(c)
+  c.data = common.data(
+      dataset="coco/2017",
+      train_split="train",
+      eval_split="validation",
+      # (dataset, split) pairs that replace (dataset, train_split) for
+      # training, e.g. VOC07+12; empty: train on `dataset` alone.
+      train_sources=(),
+      # The feature layout (detco_jax/data/detection.py `BOX_FEATURES`):
+      # unset, the dataset name's first component ("coco/2017" -> "coco").
+      box_features=common.placeholder(str),
+      # Boxes per image after padding (COCO has at most 93).
+      max_boxes=100,
+  )
+  c.views = ml_collections.ConfigDict(dict(
+      image_size=1024,
+      scale_range=(0.8, 1.25),   # Longer side S * U(lo, hi) in training.
+      flip_prob=0.5,
+      min_box_size=1.0,          # Pixels; slivers left by a crop are dropped.
+      # The ImageNet mean: padding that normalises to about 0.
+      pad_value=(124, 116, 104),
+  ))
+  c.batch_size = 16            # Global, all processes together.
+  c.eval_batch_size = 8
+
+  # ---- The detector (detco_jax/models/retinanet.py). Levels count as the
+  # backbone's stages (3 = res3); extra levels are P6/P7 made from res5. A
+  # level's stride is 2**level after the ImageNet stem, 4x less after the
+  # small-image ("cifar") stem.
+  c.model = ml_collections.ConfigDict(dict(
+      levels=(3, 4, 5),
+      extra_levels=(6, 7),
+      anchor_sizes=(32, 64, 128, 256, 512),  # Base size per level, pixels.
+      scales_per_octave=3,
+      ratios=(0.5, 1.0, 2.0),                # Anchor height / width.
+      head_channels=256,
+      norm="gn",
+      backbone_bn="sync",                    # "sync" or "frozen".
+      frozen_stages=0,                       # detectron2's FREEZE_AT.
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      alpha=0.25, gamma=2.0, fg_iou=0.5, bg_iou=0.4, box_loss="l1"))
+  c.eval = ml_collections.ConfigDict(dict(
+      score_threshold=0.05, topk_per_level=1000, nms_threshold=0.5,
+      max_detections=100,
+      picture_images=8,      # Test images drawn with their detections.
+      picture_score=0.3,     # Detections drawn from this score on.
+  ))
+
+  # ---- Optimisation: detectron2's 1x, 90k steps at batch 16.
+  c.lr = 0.01                  # At batch `lr_base_batch`, scaled linearly.
+  c.lr_base_batch = 16
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  c.warmup_steps = 1000
+  c.warmup_factor = 0.001
+  c.total_steps = 90_000 * 16 // c.batch_size
+  c.lr_decay_at = (2 / 3, 8 / 9)  # Fractions of total_steps: 60k and 80k.
+  c.lr_decay_factor = 0.1
+
+  c.log_every = 50
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 3
+  return c
+
+
+def _voc(c: ml_collections.ConfigDict) -> None:
+  """VOC07+12 trainval -> VOC07 test."""
+  c.data.dataset = "voc/2007"
+  c.data.eval_split = "test"
+  c.data.train_sources = (("voc/2007", "train+validation"),
+                          ("voc/2012", "train+validation"))
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+  """The built-in dataset as in configs/detco.py:demo; minutes on a CPU.
+
+  The demo's backbone has the small-image stem, so res3..res5 have strides
+  2, 4 and 8 on the 64 px images, and P6 16; objects are 8 to 40 px.
+  """
+  common.builtin_demo(c)
+  c.data.max_boxes = 4           # At most 4 objects in an image.
+  c.views.image_size = c.data.builtin_image_size
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.model.extra_levels = (6,)
+  c.model.anchor_sizes = (8, 16, 32, 64)   # 4 x stride, as RetinaNet's.
+  c.model.head_channels = 64
+  c.warmup_steps = 50
+  c.total_steps = 600
+  c.log_every = 20
+  c.checkpoint_every = 200
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """Tests: the 32 px built-in dataset, small batches."""
+  _demo(c)
+  common.builtin_tiny(c)
+  c.data.prefetch = 1
+  c.views.image_size = c.data.builtin_image_size
+  c.batch_size = 8
+  c.eval_batch_size = 48       # 64 test images: the second batch is padded.
+  c.model.extra_levels = ()
+  c.model.anchor_sizes = (8, 16, 32)
+  # 2 channels per GN group: with 1, GN would flatten the 4x4 res5 level.
+  c.model.head_channels = 64
+  c.warmup_steps = 2
+  c.total_steps = 6
+  c.log_every = 2
+  c.checkpoint_every = 3
+  c.eval.picture_images = 2
+
+
+VARIANTS = {"voc": _voc, "demo": _demo, "tiny": _tiny}
+
+
+ARGUMENTS = {"seed": common.Argument("seed"),
+             "steps": common.Argument("total_steps")}
+
+get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)
