@@ -1,7 +1,7 @@
 r"""A small-scale reproduction of DetCo's ablation on the built-in dataset.
 
   python experiments/ablation.py [--workdir=workdirs/ablation] [--seeds=0,1]
-      [--scale=ablation]
+      [--scale=ablation] [--detection_steps=300]
 
 Pretrains four methods with equal budgets (`--scale` names the variant of
 configs/detco.py that sets the budget: `ablation` is ResNet-18 of width 16,
@@ -13,8 +13,10 @@ each with every seed:
   + global-local   Res5 only, gg + ll + gl           (`single_level`)
   DetCo            all four stages, gg + ll + gl     (the default)
 
-then probes every backbone with the linear probe (top-1 per stage) and the
-dense probe (mIoU per stage), and an untrained backbone once as the floor.
+then probes every backbone with the linear probe (top-1 per stage), the
+dense probe (mIoU per stage) and detection transfer (RetinaNet fine-tuned
+for `--detection_steps` steps on the built-in boxes: COCO AP and AP50; 0
+leaves it out), and an untrained backbone once as the floor.
 It prints a Markdown table of mean +- half-range over the seeds and writes
 it, with every run's figures and the wall time, to `<workdir>/ablation.md`
 and `ablation.json`. Runs already finished in the workdir are reused, so an
@@ -37,11 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import dense_probe  # pylint: disable=g-import-not-at-top
+from configs import detection as detection_config  # pylint: disable=g-import-not-at-top
 from configs import detco  # pylint: disable=g-import-not-at-top
 from configs import linear_probe  # pylint: disable=g-import-not-at-top
 from detco_jax import pretrained as detco_pretrained  # pylint: disable=g-import-not-at-top
 from detco_jax import train  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import dense  # pylint: disable=g-import-not-at-top
+from detco_jax.eval import detection  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import linear  # pylint: disable=g-import-not-at-top
 
 STAGES = ("res2", "res3", "res4", "res5")
@@ -53,6 +57,7 @@ METHODS = (
     ("DetCo", ""),
 )
 FLOOR = "random init"
+DETECTION_METRICS = ("AP", "AP50")
 
 
 def pretrain_config(scale: str, variant: str, seed: int):
@@ -89,34 +94,54 @@ def dense_config(pretrained: str, seed: int, random_init: bool = False):
   return config
 
 
-def probe(pretrained: str, workdir: str, seed: int,
-          random_init: bool = False) -> dict[str, dict[str, float]]:
-  """Linear top-1 and dense mIoU per stage of one backbone.
+def detection_transfer_config(pretrained: str, seed: int, steps: int,
+                              random_init: bool = False):
+  """The demo's detection transfer, `steps` steps long."""
+  config = detection_config.get_config(f"demo,steps={steps}")
+  config.pretrained, config.seed, config.random_init = (pretrained, seed,
+                                                        random_init)
+  return config
+
+
+def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,
+          detection_steps: int = 0) -> dict[str, dict[str, float]]:
+  """Linear top-1 and dense mIoU per stage (and detection AP) of a backbone.
 
   Args:
     pretrained: the pretraining workdir.
-    workdir: where the two probes' workdirs go.
+    workdir: where the probes' workdirs go.
     seed: the probes' seed.
     random_init: probe the untrained architecture instead.
+    detection_steps: steps of detection fine-tuning; 0: none.
 
   Returns:
-    {"linear_top1": {stage: value}, "dense_miou": {stage: value}}.
+    {"linear_top1": {stage: value}, "dense_miou": {stage: value}}, and
+    "detection": {"AP": value, "AP50": value} with detection.
   """
   lin = linear.run(linear_config(pretrained, seed, random_init),
                    os.path.join(workdir, "linear"))
   den = dense.run(dense_config(pretrained, seed, random_init),
                   os.path.join(workdir, "dense"))
-  return {"linear_top1": {s: lin["stages"][s]["top1"] for s in STAGES},
-          "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES}}
+  figures = {"linear_top1": {s: lin["stages"][s]["top1"] for s in STAGES},
+             "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES}}
+  if detection_steps > 0:
+    det = detection.run(
+        detection_transfer_config(pretrained, seed, detection_steps,
+                                  random_init),
+        os.path.join(workdir, f"detection_{detection_steps}"))
+    figures["detection"] = {k: det[k] for k in DETECTION_METRICS}
+  return figures
 
 
-def run_all(workdir: str, seeds: list[int], scale: str) -> dict[str, Any]:
+def run_all(workdir: str, seeds: list[int], scale: str,
+            detection_steps: int = 0) -> dict[str, Any]:
   """Pretrains and probes every method and seed, plus the floor.
 
   Args:
     workdir: the ablation's root directory.
     seeds: the seeds.
     scale: the configs/detco.py variant that sets the budget.
+    detection_steps: steps of detection fine-tuning per backbone; 0: none.
 
   Returns:
     {"runs": {label: [per-seed figures]}, "seconds": {label: [...]}}.
@@ -128,7 +153,8 @@ def run_all(workdir: str, seeds: list[int], scale: str) -> dict[str, Any]:
       run_dir = os.path.join(workdir, f"{variant or 'detco'}_seed{seed}")
       pretrain_dir = os.path.join(run_dir, "pretrain")
       train.run(pretrain_config(scale, variant, seed), pretrain_dir)
-      figures = probe(pretrain_dir, run_dir, seed)
+      figures = probe(pretrain_dir, run_dir, seed,
+                      detection_steps=detection_steps)
       runs.setdefault(label, []).append(figures)
       seconds.setdefault(label, []).append(time.time() - start)
       print(f"{label} seed {seed}: {json.dumps(figures)}", flush=True)
@@ -137,7 +163,7 @@ def run_all(workdir: str, seeds: list[int], scale: str) -> dict[str, Any]:
   first = os.path.join(workdir, f"{METHODS[-1][1] or 'detco'}_seed{seeds[0]}",
                        "pretrain")
   runs[FLOOR] = [probe(first, os.path.join(workdir, "random_init"), seeds[0],
-                       random_init=True)]
+                       random_init=True, detection_steps=detection_steps)]
   seconds[FLOOR] = [time.time() - start]
   return {"runs": runs, "seconds": seconds, "seeds": seeds, "scale": scale}
 
@@ -151,13 +177,20 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-  """The Markdown table: linear top-1 and dense mIoU per stage, in %."""
+  """The Markdown table: linear top-1 and dense mIoU per stage (and the
+  detection APs, when every run has them), in %."""
+  runs = results["runs"]
+  with_detection = all("detection" in f for figures in runs.values()
+                       for f in figures)
+  metrics = DETECTION_METRICS if with_detection else ()
   head = ("| method | " + " | ".join(f"linear {s}" for s in STAGES) + " | "
-          + " | ".join(f"mIoU {s}" for s in STAGES) + " |")
-  lines = [head, "|---" * (1 + 2 * len(STAGES)) + "|"]
-  for label, figures in results["runs"].items():
+          + " | ".join(f"mIoU {s}" for s in STAGES)
+          + "".join(f" | det {m}" for m in metrics) + " |")
+  lines = [head, "|---" * (1 + 2 * len(STAGES) + len(metrics)) + "|"]
+  for label, figures in runs.items():
     cells = [_cell([f["linear_top1"][s] for f in figures]) for s in STAGES]
     cells += [_cell([f["dense_miou"][s] for f in figures]) for s in STAGES]
+    cells += [_cell([f["detection"][m] for f in figures]) for m in metrics]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -168,10 +201,13 @@ def main() -> None:
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--scale", default="ablation",
                       help="configs/detco.py variant setting the budget.")
+  parser.add_argument("--detection_steps", type=int, default=300,
+                      help="Detection fine-tuning steps per backbone (0: "
+                      "no detection column).")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   start = time.time()
-  results = run_all(args.workdir, seeds, args.scale)
+  results = run_all(args.workdir, seeds, args.scale, args.detection_steps)
   results["total_seconds"] = time.time() - start
   text = table(results)
   summary = (f"{text}\n\nSeeds {seeds}; mean ± half-range, in %. Total "

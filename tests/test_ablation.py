@@ -47,3 +47,21 @@ def test_table_gives_mean_and_half_range_in_percent():
       ["12.0 ± 2.0"] * 4 + ["25.0 ± 5.0"] * 4) + " |"
   assert lines[3] == "| random init | " + " | ".join(
       ["5.0"] * 4 + ["10.0"] * 4) + " |"
+
+
+def test_table_gains_detection_columns_when_every_run_has_them():
+  ablation = load_script()
+  per_stage = lambda v: {s: v for s in ablation.STAGES}
+  run = lambda ap: {"linear_top1": per_stage(0.1), "dense_miou": per_stage(0.2),
+                    "detection": {"AP": ap, "AP50": 2 * ap}}
+  results = {"runs": {"DetCo": [run(0.30), run(0.34)],
+                      "random init": [run(0.10)]}}
+  lines = ablation.table(results).splitlines()
+  assert lines[0].endswith("| det AP | det AP50 |")
+  assert lines[2].endswith("| 32.0 ± 2.0 | 64.0 ± 4.0 |")
+  assert lines[3].endswith("| 10.0 | 20.0 |")
+  # A run without detection (an older workdir): no detection columns.
+  del results["runs"]["random init"][0]["detection"]
+  assert "det AP" not in ablation.table(results)
+  config = ablation.detection_transfer_config("w", seed=3, steps=40)
+  assert (config.total_steps, config.seed, config.pretrained) == (40, 3, "w")
