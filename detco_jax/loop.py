@@ -279,16 +279,15 @@ class _Window:
 
   def _line(self, step: int, scalars: dict[str, float],
             per_step: float) -> str:
-    """e.g. 'step 40/1248 loss 38.1200 res5/gg_acc 0.410 | 55 img/s ETA ...'."""
+    """e.g. 'pretraining step 40/1248 loss 38.1200 res5/gg_acc 0.410 | ...'."""
     job = self._job
-    shown = " ".join(f"{k} {scalars[k]:.3f}" for k in job.console
-                     if k in scalars)
+    parts = [f"{job.name} step {step}/{job.total_steps}",
+             f"loss {scalars['loss']:.4f}"]
+    parts += [f"{k} {scalars[k]:.3f}" for k in job.console if k in scalars]
     eta = datetime.timedelta(seconds=round((job.total_steps - step)
                                            * per_step))
-    return (f"{job.name} step {step}/{job.total_steps} loss "
-            f"{scalars['loss']:.4f} {shown} | "
-            f"{scalars['images_per_sec']:.1f} img/s, ETA {eta}").replace(
-                "  ", " ")
+    return (" ".join(parts) +
+            f" | {scalars['images_per_sec']:.1f} img/s, ETA {eta}")
 
 
 def _profile(job: Job, step: int) -> None:

@@ -113,3 +113,20 @@ def test_bad_anchor_sizes_say_how_many(config):
   config.model.anchor_sizes = (8, 16)
   with pytest.raises(ValueError, match="3 pyramid levels"):
     detection.make_anchors(config, "cifar")
+
+
+def test_weight_decay_spares_only_the_norm_layers(config, tmp_path):
+  backbone = pretrained.random_init(pretrained.load_config(config.pretrained))
+  model = detection.build_model(config, backbone, 10)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
+  flat = jax.tree_util.tree_flatten_with_path(
+      detection._decay_mask(shapes["params"]))[0]  # pylint: disable=protected-access
+  decayed = {"/".join(k.key for k in path): d for path, d in flat}
+  norms = {n for n in decayed
+           if any(p.startswith("bn") or p.endswith("_bn") or "norm" in p
+                  for p in n.split("/")[:-1])}
+  assert norms and all(not decayed[n] for n in norms)
+  assert all(decayed[n] for n in set(decayed) - norms)
+  assert decayed["head/cls_score/kernel"] and not decayed[
+      "backbone/layer1_0/bn1/scale"]
