@@ -28,8 +28,8 @@ Commands:
                      Defaults: --config=configs/detco.py
                                --workdir=gs://$BUCKET/detco_jax/$TPU_NAME
                      Running it again with the same workdir resumes.
-                     JOB=detco_jax.eval.linear (or .knn, .dense) runs that
-                     probe instead, with the same flags; it needs its own
+                     JOB=detco_jax.eval.linear (or .knn, .dense, .detection)
+                     runs that job instead, with the same flags; it needs its own
                      --workdir and --config.pretrained=gs://... .
   logs [WORKER|all]  follow a worker's log (default: worker 0; Ctrl-C to quit)
   stop               send SIGTERM to the training on all workers: the job saves
