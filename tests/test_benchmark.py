@@ -1,4 +1,4 @@
-"""The step compiles once and makes no implicit transfer; the benchmark runs."""
+"""The step compiles once and makes no implicit transfer; the benchmarks run."""
 
 import functools
 import os
@@ -11,10 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detco_jax.benchmark import train_step as benchmark
+from configs import detco as detco_config
+from configs import detection as detection_config
 from detco_jax import config_lib
 from detco_jax import sharding
 from detco_jax import step as step_lib
+from detco_jax.benchmark import common
+from detco_jax.benchmark import detection_step
+from detco_jax.benchmark import train_step as benchmark
 from test_step import random_batch, setup, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +112,7 @@ def test_step_work_is_split_over_devices():
   backbone = benchmark.make_backbone_step(model, mesh).lower(
       *benchmark.backbone_args(state, views)).compile()
   # On one device, heads, loss and updates add about 3% to the backbone.
-  ratio = figures["flops_per_step"] / benchmark.compiled_flops(backbone)
+  ratio = figures["flops_per_step"] / common.compiled_flops(backbone)
   assert ratio < 1.3, ratio
 
 
@@ -136,24 +140,24 @@ class _FakeCompiled:
 
 
 def test_cost_and_memory_analysis_across_return_types():
-  assert benchmark.compiled_flops(_FakeCompiled({"flops": 5.0})) == 5.0
-  assert benchmark.compiled_flops(_FakeCompiled([{"flops": 7.0}])) == 7.0
-  assert benchmark.compiled_flops(_FakeCompiled(None)) is None
-  assert benchmark.compiled_flops(
+  assert common.compiled_flops(_FakeCompiled({"flops": 5.0})) == 5.0
+  assert common.compiled_flops(_FakeCompiled([{"flops": 7.0}])) == 7.0
+  assert common.compiled_flops(_FakeCompiled(None)) is None
+  assert common.compiled_flops(
       _FakeCompiled([{"bytes accessed": 1.0}])) is None
-  assert benchmark.compiled_memory(_FakeCompiled(None, None)) == {}
+  assert common.compiled_memory(_FakeCompiled(None, None)) == {}
   compiled = jax.jit(lambda x: jnp.tanh(x) @ x, donate_argnums=0).lower(
       jnp.ones((64, 64))).compile()
-  mem = benchmark.compiled_memory(compiled)
+  mem = common.compiled_memory(compiled)
   assert mem["arguments"] == mem["outputs"] == 64 * 64 * 4
   assert mem["total"] == (mem["arguments"] + mem["outputs"] + mem["temp"]
                           - mem["aliased"])
-  assert benchmark.compiled_flops(compiled) >= 2 * 64**3
+  assert common.compiled_flops(compiled) >= 2 * 64**3
 
 
 def test_donation_failures_are_reported():
   jitted = jax.jit(lambda x: x.sum(), donate_argnums=0)  # Nothing to reuse.
-  _, _, caught = benchmark.compile_with_warnings(jitted, jnp.ones((8, 8)))
+  _, _, caught = common.compile_with_warnings(jitted, jnp.ones((8, 8)))
   assert any("donated" in message for message in caught), caught
 
 
@@ -170,6 +174,118 @@ def test_memory_for_a_tpu_topology_compiles_on_any_host():
   figures = benchmark.run(tiny_config(), per_device_batch=2, steps=1,
                           warmup=0, compile_only=True, topology="v3:2x2",
                           log=lines.append)
+  assert "devices: 8 x tpu (TPU v3)" in lines
+  assert figures["memory_temp_bytes"] > 0
+  assert figures["flops_per_step"] > 0
+
+
+# Figures every detection benchmark run prints on CPU, and those of
+# --compile_only.
+DETECTION_FIGURES = (
+    "compile_s", "flops_per_step", "memory_arguments_bytes",
+    "memory_outputs_bytes", "memory_aliased_bytes", "memory_temp_bytes",
+    "memory_total_bytes", "step_s", "step_s_min", "step_s_max",
+    "images_per_s_per_device", "peak_flops_per_s", "achieved_flops_per_s",
+    "mfu",
+)
+COMPILE_FIGURES = DETECTION_FIGURES[:7]
+
+
+def real_detection_step_flops(config, pretrain_config) -> float:
+  """FLOPs of the job's step compiled on a real state and batch.
+
+  The state is the job's (`detection.create_state` on `random_init`), the
+  batch zeros of the job's shapes: the benchmark compiles for abstract ones.
+  """
+  config = config.copy_and_resolve_references()
+  mesh = sharding.make_mesh()
+  setup = detection_step.build(config, pretrain_config, mesh, classes=10)
+  b, g, s = config.batch_size, config.data.max_boxes, config.views.image_size
+  batch = sharding.host_to_global(
+      {"image": np.zeros((b, s, s, 3), np.uint8),
+       "boxes": np.zeros((b, g, 4), np.float32),
+       "labels": np.full((b, g), -1, np.int32),
+       "valid": np.zeros((b, g), bool)}, mesh)
+  state = detection_step.create_state(setup)
+  return common.compiled_flops(
+      setup.train_step.lower(state, batch).compile())
+
+
+def test_detection_benchmark_times_the_jobs_step():
+  config = detection_config.get_config("tiny")
+  pretrain_config = detco_config.get_config("tiny")
+  lines = []
+  # 8 fake devices x 1 image: the tiny config's batch of 8.
+  figures = detection_step.run(config, pretrain_config, per_device_batch=1,
+                               steps=2, warmup=1, log=lines.append)
+  missing = [name for name in DETECTION_FIGURES if name not in figures]
+  assert not missing, (missing, lines)
+  assert all(np.isfinite(v) and v >= 0 for v in figures.values()), figures
+  assert figures["step_s_min"] <= figures["step_s"] <= figures["step_s_max"]
+  assert figures["images_per_s_per_device"] > 0
+  assert 0 < figures["mfu"] < 1.5
+  assert figures["memory_total_bytes"] > figures["memory_temp_bytes"] > 0
+  assert figures["memory_arguments_bytes"] > 0
+  assert figures["memory_outputs_bytes"] > 0
+  assert "devices: 8 x cpu (cpu)" in lines
+  assert any(line.startswith("global batch: 8 (1 per device); images 32 px")
+             for line in lines), lines
+  # The printed figures are what the run returned.
+  assert f"flops_per_step: {int(figures['flops_per_step'])}" in lines
+  # What was measured is the step compiled at the job's shapes.
+  assert figures["flops_per_step"] > 0
+  assert figures["flops_per_step"] == real_detection_step_flops(
+      config, pretrain_config)
+
+
+def test_detection_compile_only_allocates_and_runs_nothing(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("--compile_only made or ran something")
+
+  monkeypatch.setattr(detection_step, "create_state", refuse)
+  monkeypatch.setattr(detection_step, "synthetic_batch", refuse)
+  monkeypatch.setattr(common, "time_step", refuse)
+  figures = detection_step.run(
+      detection_config.get_config("tiny"), detco_config.get_config("tiny"),
+      per_device_batch=1, steps=1, warmup=0, compile_only=True,
+      log=lambda line: None)
+  assert list(figures)[:len(COMPILE_FIGURES)] == list(COMPILE_FIGURES)
+  assert figures["flops_per_step"] > 0
+  assert figures["memory_temp_bytes"] > 0
+  assert "step_s" not in figures
+
+
+def test_detection_benchmark_command_compiles_only():
+  # Its flags and both config files, as a user runs it.
+  command = [
+      sys.executable, "-m", "detco_jax.benchmark.detection_step",
+      "--config=configs/detection.py:tiny",
+      "--pretrain_config=configs/detco.py:tiny", "--compile_only"]
+  result = subprocess.run(command, cwd=REPO, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = dict(re.findall(r"^(\w+): (\S+)$", result.stdout, re.MULTILINE))
+  assert set(COMPILE_FIGURES) <= set(printed), result.stdout
+  assert "step_s" not in printed
+  assert "global batch: 8 (1 per device)" in result.stdout
+
+
+def test_detection_topology_needs_compile_only():
+  with pytest.raises(ValueError, match="compile_only"):
+    detection_step.run(
+        detection_config.get_config("tiny"), detco_config.get_config("tiny"),
+        per_device_batch=1, steps=1, warmup=0, topology="v3:2x2",
+        log=lambda line: None)
+
+
+def test_detection_memory_for_a_tpu_topology_compiles_on_any_host():
+  pytest.importorskip("libtpu")
+  lines = []
+  figures = detection_step.run(
+      detection_config.get_config("tiny"), detco_config.get_config("tiny"),
+      per_device_batch=1, steps=1, warmup=0, compile_only=True,
+      topology="v3:2x2", log=lines.append)
   assert "devices: 8 x tpu (TPU v3)" in lines
   assert figures["memory_temp_bytes"] > 0
   assert figures["flops_per_step"] > 0

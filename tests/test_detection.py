@@ -75,14 +75,12 @@ def train_two_steps(config, devices):
   """The job's state after two train steps on the same batch."""
   mesh = sharding.make_mesh(devices)
   backbone = pretrained.for_probe(config, mesh)
-  names = detection_data.class_names(config)
-  model = detection.build_model(config, backbone, len(names))
-  anchors, _ = detection.make_anchors(config, backbone.module.stem)
-  tx, schedule = detection.build_optimizer(config)
-  step = detection.make_train_step(config, model, backbone, anchors, tx,
-                                   schedule, mesh)
-  state = detection.create_state(model, backbone, tx, anchors,
-                                 config.views.image_size, mesh, config.seed)
+  detector = detection.build(config, backbone,
+                             len(detection_data.class_names(config)), mesh)
+  step = detector.train_step
+  state = detection.create_state(detector.model, backbone, detector.tx,
+                                 detector.anchors, config.views.image_size,
+                                 mesh, config.seed)
   host = next(detection_data.make_train_iterator(config))
   batch = sharding.host_to_global(
       {k: host[k] for k in ("image", "boxes", "labels", "valid")}, mesh)

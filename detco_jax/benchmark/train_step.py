@@ -65,6 +65,10 @@ process at a time): the memory a TPU needs, read on any host. XLA:CPU's
 memory figures are no stand-in for it: its scheduler undoes
 rematerialisation and it assigns buffers differently.
 
+What this benchmark shares with the detection step's (`detection_step`):
+the devices, compilation for abstract arguments, XLA's figures, the timing
+in turn and the printing, is in `common`.
+
 Measured on 2026-11-22 on a 2-core CPU VM, one device, while other jobs
 loaded it (load average 6-10: the times are several times slower than on
 an idle machine, the FLOPs exact, the ratios measured side by side):
@@ -80,26 +84,24 @@ an idle machine, the FLOPs exact, the ratios measured side by side):
 
 import functools
 import statistics
-import time
-import warnings
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 from jax.sharding import Mesh
 
 from detco_jax import config_lib
 from detco_jax import sharding
 from detco_jax import step as step_lib
+from detco_jax.benchmark import common
 from detco_jax.data import augment
 from detco_jax.models import detco as detco_lib
 from detco_jax.models import heads
 
 Batch = dict[str, jax.Array]
-Figures = dict[str, float]
+Figures = common.Figures
 # The step's pieces besides the backbone, timed alone by --breakdown.
 PIECES = ("augment", "shuffle", "heads_loss", "optimizer", "ema_enqueue")
 # Heads, loss and updates add about 3% to the backbone's FLOPs; much more
@@ -186,149 +188,11 @@ def abstract_state(config: ml_collections.ConfigDict,
   init = functools.partial(step_lib.init_state, config, model, tx)
   shapes = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(shapes, mesh)
-  state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      shapes, shardings)
-  return state, shardings
-
-
-def topology_devices(name: str, chip_config: str | None = None
-                     ) -> list[jax.Device]:
-  """Compile-only devices of a TPU topology, e.g. "v3:2x2" (a v3-8).
-
-  libtpu compiles for them on any host, a CPU one included, so the memory
-  a step needs on a TPU can be read without one. XLA:CPU's own figures are
-  no stand-in: its scheduler undoes rematerialisation (a `jax.checkpoint`ed
-  layer stack compiles to more temp memory than the plain one there, and
-  to 45% less for TPU), and it assigns buffers differently.
-
-  Args:
-    name: the topology, as libtpu names it ("v3:2x2", "v4:2x2x1").
-    chip_config: e.g. "megacore"; None: libtpu's default (one device per
-      TensorCore).
-
-  Returns:
-    The devices, which can form a mesh and be compiled for, not run on.
-  """
-  # Imported here: only this path needs it, and it needs libtpu.
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  kwargs = {"chip_config_name": chip_config} if chip_config else {}
-  return list(topologies.get_topology_desc(
-      topology_name=name, platform="tpu", **kwargs).devices)
-
-
-def _abstract(tree: Any) -> Any:
-  """Shape, dtype and sharding of each array of `tree`."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
-
-
-def compile_with_warnings(jitted: Callable, *args) -> tuple[Any, float,
-                                                            list[str]]:
-  """AOT-compiles `jitted` for `args` (arrays or ShapeDtypeStructs).
-
-  Returns:
-    (compiled, seconds, warnings): XLA's executable, the lowering plus
-    compile time, and the text of any warning raised meanwhile (e.g. donated
-    buffers that could not be reused).
-  """
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    seconds = time.perf_counter() - start
-  logging.info("Compiled %s in %.1f s.", getattr(jitted, "__name__", "?"),
-               seconds)
-  return compiled, seconds, [str(w.message).splitlines()[0] for w in caught]
+  return common.with_shardings(shapes, shardings), shardings
 
 
 # ----------------------------------------------------------------------------
-# What XLA says about a compiled program.
-
-
-def compiled_flops(compiled: Any) -> float | None:
-  """FLOPs of one run of a compiled (per-device) program, or None.
-
-  `cost_analysis()` returned a list of dicts (one per program) in older jax
-  and returns a dict now; some backends return None or no "flops".
-  """
-  try:
-    cost = compiled.cost_analysis()
-  except (NotImplementedError, RuntimeError):
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or cost.get("flops") is None or cost["flops"] < 0:
-    return None
-  return float(cost["flops"])
-
-
-def compiled_memory(compiled: Any) -> dict[str, int]:
-  """Per-device buffer sizes of a compiled program (empty if unknown).
-
-  Returns:
-    `{"arguments", "outputs", "aliased", "temp", "total"[, "peak"]}` in
-    bytes: total = arguments + outputs + temp - aliased, since a donated
-    argument reused as an output is one buffer; "peak" is XLA's own peak
-    where the backend reports one.
-  """
-  try:
-    stats = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
-    return {}
-  if isinstance(stats, (list, tuple)):
-    stats = stats[0] if stats else None
-  if stats is None:
-    return {}
-  get = lambda name: int(getattr(stats, name, 0) or 0)
-  mem = {"arguments": get("argument_size_in_bytes"),
-         "outputs": get("output_size_in_bytes"),
-         "aliased": get("alias_size_in_bytes"),
-         "temp": get("temp_size_in_bytes")}
-  mem["total"] = (mem["arguments"] + mem["outputs"] + mem["temp"]
-                  - mem["aliased"])
-  if get("peak_memory_in_bytes") > 0:
-    mem["peak"] = get("peak_memory_in_bytes")
-  return mem
-
-
-# ----------------------------------------------------------------------------
-# Reference programs: the device's matmul peak, the backbone alone.
-
-
-def matmul_call(dtype: Any, min_seconds: float = 0.02,
-                max_size: int = 16384) -> tuple[Callable[[], jax.Array], int]:
-  """A square matrix product big enough to run near the device's peak.
-
-  The side doubles from 512 until one product takes `min_seconds` (so that
-  dispatch is negligible) or reaches `max_size`; platform-independent.
-
-  Args:
-    dtype: the compute dtype.
-    min_seconds: shortest acceptable run.
-    max_size: largest side tried.
-
-  Returns:
-    (call, n): a no-argument function running the n x n product on the
-    default device, and n.
-  """
-  n = 512
-  while True:
-    a, b = jax.jit(lambda k, n=n: jax.random.normal(k, (2, n, n), dtype))(
-        jax.random.key(0))
-    product = jax.jit(jnp.matmul)
-    call = functools.partial(product, a, b)
-    jax.block_until_ready(call())  # Compile.
-    if n >= max_size or min(_seconds(call) for _ in range(3)) >= min_seconds:
-      return call, n
-    n *= 2
-
-
-def _seconds(call: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(call())
-  return time.perf_counter() - start
+# The reference program: the backbone alone.
 
 
 def make_backbone_step(model: detco_lib.DetCoEncoder,
@@ -522,39 +386,9 @@ def breakdown_calls(config: ml_collections.ConfigDict,
   no_photometric = step_lib.make_train_step(plain, model, tx, schedule, mesh,
                                             state_shardings)
 
-  def step_no_photometric():
-    box["state"], metrics = no_photometric(box["state"], batch, rng)
-    return box["state"], metrics
-  calls["step_no_photometric"] = step_no_photometric
+  calls["step_no_photometric"] = common.threaded_call(no_photometric, box,
+                                                      batch, rng)
   return calls
-
-
-# ----------------------------------------------------------------------------
-# Timing.
-
-
-def time_in_turn(calls: Mapping[str, Callable[[], Any]], steps: int,
-                 warmup: int) -> dict[str, list[float]]:
-  """Seconds of each call, the calls taken in turn, round after round.
-
-  Args:
-    calls: name -> a no-argument function returning device arrays (blocked
-      on before the clock stops).
-    steps: timed rounds.
-    warmup: untimed rounds first.
-
-  Returns:
-    name -> the `steps` durations in seconds.
-  """
-  times = {name: [] for name in calls}
-  logging.info("Timing %s: %d warm-up and %d timed rounds.",
-               ", ".join(calls), warmup, steps)
-  for i in range(warmup + steps):
-    for name, call in calls.items():
-      seconds = _seconds(call)
-      if i >= warmup:
-        times[name].append(seconds)
-  return times
 
 
 def _fit_and_describe(config: ml_collections.ConfigDict,
@@ -571,8 +405,7 @@ def _fit_and_describe(config: ml_collections.ConfigDict,
     per_device_batch = max(config.batch_size // num, 1)
   changes = fit_config(config, per_device_batch, num)
   config_lib.validate(config, num, len({d.process_index for d in devices}))
-  device = devices[0]
-  log(f"devices: {num} x {device.platform} ({device.device_kind})")
+  log(common.describe_devices(devices))
   log(f"global batch: {config.batch_size} ({per_device_batch} per device); "
       f"views {config.views.global_size} px, patches "
       f"{config.views.patch_size} px; model ResNet-{config.model.depth} "
@@ -594,23 +427,16 @@ def compile_step(config: ml_collections.ConfigDict,
     memory_*_bytes).
   """
   state_spec, shardings = abstract_state(config, model, tx, mesh)
-  batch_spec = {k: jax.ShapeDtypeStruct(shape, jnp.uint8,
-                                        sharding=sharding.batch_sharded(mesh))
-                for k, shape in batch_shapes(config).items()}
+  batch_spec = common.with_shardings(
+      {k: jax.ShapeDtypeStruct(shape, jnp.uint8)
+       for k, shape in batch_shapes(config).items()},
+      sharding.batch_sharded(mesh))
   rng_spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                                   sharding=sharding.replicated(mesh))
   train_step = step_lib.make_train_step(config, model, tx, schedule, mesh,
                                         shardings)
-  compiled, seconds, caught = compile_with_warnings(
-      train_step, state_spec, batch_spec, rng_spec)
-  for message in caught:
-    log(f"warning while compiling the step: {message}")
-  figures: Figures = {"compile_s": seconds}
-  flops = compiled_flops(compiled)
-  if flops is not None:
-    figures["flops_per_step"] = flops
-  for name, value in compiled_memory(compiled).items():
-    figures[f"memory_{name}_bytes"] = value
+  compiled, figures = common.compile_figures(
+      train_step, state_spec, batch_spec, rng_spec, log=log)
   return compiled, shardings, figures
 
 
@@ -630,21 +456,18 @@ def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
     backbone: also time the backbone-only step (overhead ratio).
     breakdown: also time the step's pieces (see `breakdown_calls`); implies
       `backbone`.
-    topology: compile for this TPU topology's devices (`topology_devices`)
-      instead of the local ones; only with `compile_only`.
+    topology: compile for this TPU topology's devices
+      (`common.topology_devices`) instead of the local ones; only with
+      `compile_only`.
     chip_config: the topology's chip configuration (e.g. "megacore").
     log: where the report lines go.
 
   Returns:
     name -> value of every figure printed as `name: value`.
   """
-  if topology and not compile_only:
-    raise ValueError("A TPU topology can only be compiled for: add "
-                     "--compile_only.")
+  devices = common.step_devices(topology, chip_config, compile_only)
   config = config.copy_and_resolve_references()
   backbone = backbone or breakdown
-  devices = (topology_devices(topology, chip_config) if topology
-             else jax.devices())
   per_device_batch = _fit_and_describe(config, per_device_batch, devices,
                                        log)
   mesh = sharding.make_mesh(devices)
@@ -653,7 +476,7 @@ def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
   compiled, shardings, figures = compile_step(config, model, tx, schedule,
                                               mesh, log)
   if compile_only:
-    _log_figures(figures, log)
+    common.log_figures(figures, log)
     return figures
 
   state = step_lib.create_train_state(config, model, tx, mesh,
@@ -662,33 +485,29 @@ def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
   rng = jax.device_put(jax.random.key(config.seed),
                        sharding.replicated(mesh))
   box = {"state": state}  # The donated state, threaded through the calls.
-
-  def full_step():
-    box["state"], metrics = compiled(box["state"], batch, rng)
-    return box["state"], metrics
-
-  peak_call, peak_n = matmul_call(config_lib.DTYPES[config.model.dtype])
-  calls = {"step": full_step, "peak": peak_call}
+  full_step = common.threaded_call(compiled, box, batch, rng)
+  others = {}  # Timed in the same rounds as the step.
   if backbone:
     # Float views, made once: the reference programs skip augmentation.
     views = jax.jit(lambda b: augment.augment_views(
         b, jax.random.key(1), config.aug, config.views))(batch)
-    bb_compiled, bb_seconds, _ = compile_with_warnings(
+    bb_compiled, bb_seconds, _ = common.compile_with_warnings(
         make_backbone_step(model, mesh),
-        *_abstract(backbone_args(state, views)))
+        *common.abstract(backbone_args(state, views)))
     figures["backbone_compile_s"] = bb_seconds
-    bb_flops = compiled_flops(bb_compiled)
+    bb_flops = common.compiled_flops(bb_compiled)
     if bb_flops is not None:
       figures["backbone_flops_per_step"] = bb_flops
-    calls["backbone"] = lambda: bb_compiled(
+    others["backbone"] = lambda: bb_compiled(
         *backbone_args(box["state"], views))
     if breakdown:
-      calls.update(breakdown_calls(config, model, tx, schedule, mesh,
+      others.update(breakdown_calls(config, model, tx, schedule, mesh,
                                    shardings, box, batch, rng, views))
 
-  times = time_in_turn(calls, steps, warmup)
+  times, peak_n = common.time_step(
+      full_step, config_lib.DTYPES[config.model.dtype], steps, warmup, others)
   figures.update(summarise(times, figures, per_device_batch, peak_n))
-  _log_figures(figures, log)
+  common.log_figures(figures, log)
   if figures.get("flops_ratio", 1.0) > _MAX_FLOPS_RATIO:
     log(f"warning: the step does {figures['flops_ratio']:.2f}x the "
         "backbone's FLOPs per device (about 1.03x on one device): part of "
@@ -700,8 +519,10 @@ def summarise(times: Mapping[str, list[float]], figures: Figures,
               per_device_batch: int, peak_n: int) -> Figures:
   """Speed figures from the timings (medians) and the compiled FLOPs.
 
+  `common.speed_figures`, then the backbone's and the pieces' figures.
+
   Args:
-    times: name -> seconds per call, from `time_in_turn`.
+    times: name -> seconds per call, from `common.time_step`.
     figures: the compile-time figures (flops_per_step and
       backbone_flops_per_step where known).
     per_device_batch: images per device.
@@ -712,15 +533,7 @@ def summarise(times: Mapping[str, list[float]], figures: Figures,
   """
   med = {name: statistics.median(t) for name, t in times.items()}
   step_s = med["step"]
-  out: Figures = {
-      "step_s": step_s, "step_s_min": min(times["step"]),
-      "step_s_max": max(times["step"]),
-      "images_per_s_per_device": per_device_batch / step_s,
-      "peak_matmul_size": peak_n,
-      "peak_flops_per_s": 2.0 * peak_n**3 / med["peak"]}
-  if "flops_per_step" in figures:
-    out["achieved_flops_per_s"] = figures["flops_per_step"] / step_s
-    out["mfu"] = out["achieved_flops_per_s"] / out["peak_flops_per_s"]
+  out = common.speed_figures(times, figures, per_device_batch, peak_n)
   if "backbone" in med:
     out["backbone_s"] = med["backbone"]
     out["overhead_ratio"] = step_s / med["backbone"]
@@ -736,13 +549,3 @@ def summarise(times: Mapping[str, list[float]], figures: Figures,
     out["pieces_sum_s"] = med["backbone"] + sum(med[n] for n in PIECES)
     out["unaccounted_s"] = step_s - out["pieces_sum_s"]
   return out
-
-
-def _log_figures(figures: Figures, log: Callable[[str], None]) -> None:
-  """One `name: value` line per figure."""
-  for name, value in figures.items():
-    if isinstance(value, int) or (float(value).is_integer()
-                                  and abs(value) >= 1e3):
-      log(f"{name}: {int(value)}")
-    else:
-      log(f"{name}: {value:.4g}")

@@ -25,6 +25,7 @@ few test images (predictions beside the ground truth) as
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
+import dataclasses
 import functools
 import io
 from typing import Any, Sequence
@@ -251,6 +252,53 @@ def detect(predict, state: DetectorState, batches: Any,
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+@dataclasses.dataclass(frozen=True)
+class Detector:
+  """What a detection run is made of, before any data or state.
+
+  Attributes:
+    model: the RetinaNet.
+    anchors: [A, 4] XYXY pixels, in the order of the head's outputs.
+    per_level: anchors per pyramid level.
+    tx: the optimiser.
+    schedule: its learning-rate schedule.
+    train_step: `train_step(state, batch) -> (state, metrics)`, jitted.
+    predict: `predict(state, images, sizes) -> detections`, jitted.
+  """
+  model: retinanet.RetinaNet
+  anchors: np.ndarray
+  per_level: list[int]
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_step: Any
+  predict: Any
+
+
+def build(config: ml_collections.ConfigDict, backbone: pretrained.Backbone,
+          num_classes: int, mesh: jax.sharding.Mesh) -> Detector:
+  """The model, anchors, optimiser and jitted steps of a detection run.
+
+  Args:
+    config: the detection config.
+    backbone: the backbone it starts from (its architecture is kept).
+    num_classes: K.
+    mesh: the device mesh.
+
+  Returns:
+    The detector's pieces.
+  """
+  model = build_model(config, backbone, num_classes)
+  anchors, per_level = make_anchors(config, backbone.module.stem)
+  tx, schedule = build_optimizer(config)
+  return Detector(
+      model=model, anchors=anchors, per_level=per_level, tx=tx,
+      schedule=schedule,
+      train_step=make_train_step(config, model, backbone, anchors, tx,
+                                 schedule, mesh),
+      predict=make_predict(config, model, backbone, anchors, per_level,
+                           mesh))
+
+
 def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
                  tx: optax.GradientTransformation, anchors: np.ndarray,
                  size: int, mesh: jax.sharding.Mesh,
@@ -297,30 +345,25 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   backbone = pretrained.for_probe(config, mesh)
   sources.prepare_builtin(config.data)
   names = detection_data.class_names(config)
-  model = build_model(config, backbone, len(names))
-  anchors, per_level = make_anchors(config, backbone.module.stem)
-  tx, schedule = build_optimizer(config)
-  train_step = make_train_step(config, model, backbone, anchors, tx,
-                               schedule, mesh)
-  predict = make_predict(config, model, backbone, anchors, per_level, mesh)
-  size = config.views.image_size
+  detector = build(config, backbone, len(names), mesh)
 
   def init_state(resuming):
     del resuming  # A fresh detector is cheap; restored over when resuming.
-    return create_state(model, backbone, tx, anchors, size, mesh,
+    return create_state(detector.model, backbone, detector.tx,
+                        detector.anchors, config.views.image_size, mesh,
                         config.seed)
 
   def step(state, batch):
     batch = {k: batch[k] for k in ("image", "boxes", "labels", "valid")}
-    return train_step(state, sharding.host_to_global(batch, mesh))
+    return detector.train_step(state, sharding.host_to_global(batch, mesh))
 
   def finish(state, writer):
-    return _evaluate(config, workdir, backbone, names, predict, state, mesh,
-                     writer)
+    return _evaluate(config, workdir, backbone, names, detector.predict,
+                     state, mesh, writer)
 
   logging.info("Detection transfer of %s on %s: %d classes, %d anchors.",
                backbone.source, config.data.dataset, len(names),
-               len(anchors))
+               len(detector.anchors))
   return loop.Job(
       name="detection", workdir=workdir, init_state=init_state,
       data=lambda start: detection_data.make_train_iterator(
