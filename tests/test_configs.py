@@ -153,11 +153,22 @@ def test_every_variant_of_every_file_loads(name, variant):
   assert config.data.dataset
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
+# The detection transfer counts its schedule in steps (detectron2's way).
+EPOCH_SCHEDULES = sorted(set(MODULES) - {"detection"})
+
+
+@pytest.mark.parametrize("name", EPOCH_SCHEDULES)
 def test_every_file_takes_epochs_and_seed(name):
   config = load_config_file(name, "demo,epochs=7,seed=3")
   assert (config.num_epochs, config.seed) == (7, 3)
   assert type(config.num_epochs) is int  # pylint: disable=unidiomatic-typecheck
+
+
+def test_detection_takes_steps_and_seed():
+  config = load_config_file("detection", "demo,steps=40,seed=3")
+  assert (config.total_steps, config.seed) == (40, 3)
+  with pytest.raises(Exception, match="Unknown config argument 'epochs'"):
+    load_config_file("detection", "demo,epochs=2")
 
 
 def test_linear_probe_epochs_keep_the_decay_fractions():
