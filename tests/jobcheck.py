@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from detco_jax import checkpoint as checkpoint_lib
+from detco_jax import config_lib
 from detco_jax import loop
+from detco_jax import sharding
+from detco_jax import step as step_lib
 
 
 def sigterm_at(data: Callable[[int], Any], k: int) -> Callable[[int], Any]:
@@ -54,6 +57,30 @@ def saved_steps(workdir: str) -> list[int]:
   steps = ckpt.all_steps()
   ckpt.close()
   return steps
+
+
+def restore_train_state(config: Any, workdir: str,
+                        step: int | None = None) -> Any:
+  """The whole DetCo train state of a pretraining checkpoint.
+
+  Args:
+    config: the pretraining run's config (it fixes the state's shapes).
+    workdir: the run's directory.
+    step: which checkpoint; None for the latest.
+
+  Returns:
+    The state, on this process's mesh.
+  """
+  model = config_lib.build_model(config)
+  tx, _ = config_lib.build_optimizer(config)
+  target, _ = step_lib.create_train_state(config, model, tx,
+                                          sharding.make_mesh(),
+                                          jax.random.key(0))
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  try:
+    return ckpt.restore(target, step)
+  finally:
+    ckpt.close()
 
 
 def assert_same_state(a: Any, b: Any) -> None:

@@ -14,7 +14,6 @@ from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import config_lib
 from detco_jax import pretrained
 from detco_jax import sharding
-from detco_jax import step as step_lib
 from detco_jax.data import augment
 from detco_jax.data import pipeline
 from detco_jax.eval import features
@@ -36,13 +35,7 @@ def test_restores_exactly_the_pretrained_query_backbone(tiny_pretrain_workdir):
   backbone = pretrained.load(tiny_pretrain_workdir)
   config = pretrained.load_config(tiny_pretrain_workdir)
   model = config_lib.build_model(config)
-  tx, _ = config_lib.build_optimizer(config)
-  target, _ = step_lib.create_train_state(config, model, tx,
-                                          sharding.make_mesh(),
-                                          jax.random.key(1))
-  ckpt = checkpoint_lib.Checkpointer(tiny_pretrain_workdir)
-  state = ckpt.restore(target)
-  ckpt.close()
+  state = jobcheck.restore_train_state(config, tiny_pretrain_workdir)
   assert backbone.step == int(state.step) == 6
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3),
                                              np.uint8)

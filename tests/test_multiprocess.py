@@ -100,21 +100,10 @@ def run_two_processes(workdir, data_dir, total_steps, checkpoint_every):
 def restore(workdir, step):
   """The whole train state of checkpoint `step`, on this process's mesh."""
   from configs import detco  # pylint: disable=g-import-not-at-top
-  from detco_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from detco_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from detco_jax import sharding  # pylint: disable=g-import-not-at-top
-  from detco_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  config = detco.get_config("tiny")
-  model = config_lib.build_model(config)
-  tx, _ = config_lib.build_optimizer(config)
-  target, _ = step_lib.create_train_state(config, model, tx,
-                                          sharding.make_mesh(),
-                                          jax.random.key(0))
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  state = ckpt.restore(target, step)
-  ckpt.close()
-  return jax.device_get(state)
+  from tests import jobcheck  # pylint: disable=g-import-not-at-top
+  return jax.device_get(jobcheck.restore_train_state(
+      detco.get_config("tiny"), workdir, step))
 
 
 def relative_difference(a, b) -> float:

@@ -11,30 +11,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from detco_jax import checkpoint as checkpoint_lib
-from detco_jax import config_lib
 from detco_jax import pretrained
 from detco_jax import sharding
-from detco_jax import step as step_lib
+from tests import jobcheck
 
 
-@pytest.fixture(scope="module")
-def full_target(tiny_pretrain_workdir):
-  """A whole DetCo train state to restore into, as the train tests do."""
-  config = pretrained.load_config(tiny_pretrain_workdir)
-  model = config_lib.build_model(config)
-  tx, _ = config_lib.build_optimizer(config)
-  target, _ = step_lib.create_train_state(config, model, tx,
-                                          sharding.make_mesh(),
-                                          jax.random.key(0))
-  return target
-
-
-def _full_restore(workdir, target, step=None):
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  try:
-    return ckpt.restore(target, step)
-  finally:
-    ckpt.close()
+def _full_restore(workdir, step=None):
+  """The whole DetCo train state, restored as the train tests do."""
+  return jobcheck.restore_train_state(pretrained.load_config(workdir),
+                                      workdir, step)
 
 
 @pytest.fixture
@@ -53,9 +38,9 @@ def read_names(monkeypatch):
 
 @pytest.mark.parametrize("step", [None, 3])
 def test_partial_restore_equals_the_full_state_restore(
-    tiny_pretrain_workdir, full_target, step):
+    tiny_pretrain_workdir, step):
   backbone = pretrained.load(tiny_pretrain_workdir, step)
-  state = _full_restore(tiny_pretrain_workdir, full_target, step)
+  state = _full_restore(tiny_pretrain_workdir, step)
   want_step = 6 if step is None else step
   assert backbone.step == int(state.step) == want_step
   assert backbone.source == f"{tiny_pretrain_workdir} step {want_step}"
@@ -74,7 +59,7 @@ def test_partial_restore_equals_the_full_state_restore(
 
 
 def test_reads_only_the_step_and_the_backbone(tiny_pretrain_workdir,
-                                              full_target, read_names):
+                                              read_names):
   backbone = pretrained.load(tiny_pretrain_workdir)
   assert set(backbone.variables) == {"params", "batch_stats"}
   wanted = {"step"} | {
@@ -85,7 +70,7 @@ def test_reads_only_the_step_and_the_backbone(tiny_pretrain_workdir,
   assert sorted(read_names) == sorted(wanted)
   # The spy does see a full restore read the rest (queues, EMA, optimiser).
   read_names.clear()
-  _full_restore(tiny_pretrain_workdir, full_target)
+  _full_restore(tiny_pretrain_workdir)
   for field in ("queues", "opt_state", "ema_params", "ema_batch_stats"):
     assert any(n.startswith(field + ".") for n in read_names), field
 

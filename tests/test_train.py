@@ -10,9 +10,6 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import detco as detco_config
 from detco_jax import checkpoint as checkpoint_lib
-from detco_jax import config_lib
-from detco_jax import sharding
-from detco_jax import step as step_lib
 from detco_jax import train
 from tests import jobcheck
 
@@ -26,14 +23,7 @@ def config(builtin_data_dir):
 
 def restore_params(config, workdir):
   """The query params of the latest checkpoint in `workdir`."""
-  model = config_lib.build_model(config)
-  tx, _ = config_lib.build_optimizer(config)
-  target, _ = step_lib.create_train_state(config, model, tx,
-                                          sharding.make_mesh(),
-                                          jax.random.key(0))
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  state = ckpt.restore(target)
-  ckpt.close()
+  state = jobcheck.restore_train_state(config, workdir)
   return int(state.step), jax.device_get(state.params)
 
 
