@@ -1,0 +1,193 @@
+r"""Detection transfer of pretrained backbones: COCO AP over seeds and schedules.
+
+  python experiments/detection_transfer.py \
+      --backbone=DetCo=workdirs/demo --backbone="MoCo v2=workdirs/demo_mocov2" \
+      [--workdir=workdirs/detection_transfer] [--seeds=0,1] [--steps=100,500]
+
+Fine-tunes the demo's RetinaNet (`configs/detection.py:demo`) from every
+`--backbone=LABEL=PRETRAIN_WORKDIR`, and from the first one's architecture
+untrained (`random_init`, the floor), for each schedule in `--steps` (the
+paper's "few iterations" regime and a longer one) and each seed. It prints a
+Markdown table of AP, AP50 and AP75 (mean ± half-range over the seeds, in
+%), each seed's AP and the minutes a run took, then for each schedule how
+far apart the backbones are against their seed ranges. It writes the table
+to `<workdir>/detection_transfer.md` and every run's figures and wall time
+to `detection_transfer.json`. A run whose `detection_results.json` is
+complete is reused, so an interrupted script resumes where it stopped.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Runnable from a checkout without installing: make `configs` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs import detection as detection_config  # pylint: disable=g-import-not-at-top
+from detco_jax.eval import detection  # pylint: disable=g-import-not-at-top
+
+FLOOR = "random init"
+METRICS = ("AP", "AP50", "AP75")
+
+
+def transfer_config(pretrained: str, seed: int, steps: int,
+                    random_init: bool = False):
+  """The demo's detection transfer from `pretrained`, `steps` steps long."""
+  config = detection_config.get_config(f"demo,seed={seed},steps={steps}")
+  config.pretrained, config.random_init = pretrained, random_init
+  return config
+
+
+def _finished(run_dir: str, steps: int) -> dict[str, Any] | None:
+  """The results of a run that has already evaluated its last step."""
+  path = os.path.join(run_dir, "detection_results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    results = json.load(f)
+  return results if results.get("steps") == steps else None
+
+
+def run_one(pretrained: str, run_dir: str, seed: int, steps: int,
+            random_init: bool = False) -> tuple[dict[str, float], float]:
+  """Fine-tunes and evaluates one detector, or reads a finished one.
+
+  Args:
+    pretrained: the pretraining workdir.
+    run_dir: the detection job's workdir.
+    seed: the job's seed.
+    steps: its schedule's length.
+    random_init: start from the untrained architecture instead.
+
+  Returns:
+    ({metric: value} for METRICS, seconds this call took).
+  """
+  start = time.time()
+  results = _finished(run_dir, steps)
+  if results is None:
+    results = detection.run(
+        transfer_config(pretrained, seed, steps, random_init), run_dir)
+  return {m: results[m] for m in METRICS}, time.time() - start
+
+
+def run_all(workdir: str, backbones: list[tuple[str, str]], seeds: list[int],
+            schedules: list[int]) -> dict[str, Any]:
+  """Every backbone (and the floor), schedule and seed.
+
+  Args:
+    workdir: the root of the detection workdirs.
+    backbones: (label, pretraining workdir) pairs.
+    seeds: the seeds.
+    schedules: the schedules' lengths in steps.
+
+  Returns:
+    {"runs": {label: {steps: [per-seed figures]}}, "seconds": the same
+    layout of wall times, "seeds", "schedules"}.
+  """
+  sources = [(label, path, False) for label, path in backbones]
+  sources.append((FLOOR, backbones[0][1], True))
+  runs, seconds = {}, {}
+  for steps in schedules:
+    for label, path, random_init in sources:
+      for seed in seeds:
+        name = "".join(c if c.isalnum() else "_" for c in label.lower())
+        run_dir = os.path.join(workdir, f"{name}_{steps}steps_seed{seed}")
+        figures, took = run_one(path, run_dir, seed, steps, random_init)
+        runs.setdefault(label, {}).setdefault(str(steps), []).append(figures)
+        seconds.setdefault(label, {}).setdefault(str(steps), []).append(took)
+        print(f"{label}, {steps} steps, seed {seed}: {json.dumps(figures)} "
+              f"in {took / 60:.1f} min", flush=True)
+  return {"runs": runs, "seconds": seconds, "seeds": seeds,
+          "schedules": schedules}
+
+
+def _mean_half_range(values: list[float]) -> tuple[float, float]:
+  """Mean and half the range, in percent."""
+  values = 100 * np.asarray(values)
+  return values.mean(), (values.max() - values.min()) / 2
+
+
+def _cell(values: list[float]) -> str:
+  mean, half = _mean_half_range(values)
+  return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {half:.1f}"
+
+
+def table(results: dict[str, Any]) -> str:
+  """The Markdown table: one row per backbone and schedule."""
+  lines = ["| backbone | steps | " + " | ".join(METRICS)
+           + " | AP per seed | min per run |",
+           "|---" * (len(METRICS) + 4) + "|"]
+  for steps in map(str, results["schedules"]):
+    for label, by_steps in results["runs"].items():
+      figures = by_steps[steps]
+      cells = [_cell([f[m] for f in figures]) for m in METRICS]
+      per_seed = " / ".join(f"{100 * f['AP']:.1f}" for f in figures)
+      minutes = np.median(results["seconds"][label][steps]) / 60
+      lines.append(f"| {label} | {steps} | " + " | ".join(cells)
+                   + f" | {per_seed} | {minutes:.1f} |")
+  return "\n".join(lines)
+
+
+def ordering(results: dict[str, Any]) -> str:
+  """Per schedule, each backbone against the next: the AP gap, and whether
+  the two seed ranges are disjoint (the gap exceeds both half-ranges
+  together)."""
+  lines = []
+  labels = list(results["runs"])
+  for steps in map(str, results["schedules"]):
+    for better, worse in zip(labels, labels[1:]):
+      a, ha = _mean_half_range(
+          [f["AP"] for f in results["runs"][better][steps]])
+      b, hb = _mean_half_range(
+          [f["AP"] for f in results["runs"][worse][steps]])
+      verdict = ("beyond the seed ranges" if abs(a - b) > ha + hb
+                 else "within the seed ranges")
+      lines.append(f"{steps} steps: {better} - {worse} = {a - b:+.1f} AP "
+                   f"(half-ranges {ha:.1f} and {hb:.1f}: {verdict})")
+  return "\n".join(lines)
+
+
+def _backbone(text: str) -> tuple[str, str]:
+  label, sep, path = text.partition("=")
+  if not sep or not label or not path:
+    raise argparse.ArgumentTypeError(
+        f"--backbone={text!r}: write LABEL=PRETRAIN_WORKDIR, e.g. "
+        "--backbone=DetCo=workdirs/demo")
+  return label, path
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--backbone", type=_backbone, action="append",
+                      required=True, help="LABEL=PRETRAIN_WORKDIR; repeat.")
+  parser.add_argument("--workdir", default="workdirs/detection_transfer")
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--steps", default="100,500",
+                      help="Schedules, in fine-tuning steps.")
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  schedules = [int(s) for s in args.steps.split(",")]
+  start = time.time()
+  results = run_all(args.workdir, args.backbone, seeds, schedules)
+  results["total_seconds"] = time.time() - start
+  summary = (f"{table(results)}\n\n{ordering(results)}\n\nSeeds {seeds}; "
+             f"mean ± half-range, in %. Total "
+             f"{results['total_seconds'] / 60:.0f} min.\n")
+  print(summary)
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(os.path.join(args.workdir, "detection_transfer.md"), "w") as f:
+    f.write(summary)
+  with open(os.path.join(args.workdir, "detection_transfer.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
