@@ -323,17 +323,24 @@ def knn(**overrides: Any) -> ConfigDict:
   return ConfigDict(block)
 
 
-def add_backbone_source(c: ConfigDict) -> None:
+def add_backbone_source(c: ConfigDict, frozen: bool = True) -> None:
   """Adds a probe's backbone settings: which run, which step, or untrained.
 
   Args:
     c: the probe's config, changed in place.
+    frozen: the backbone is frozen (a probe), so the floor's BN statistics
+      are measured on data; False for jobs that train BN (detection).
   """
   # The pretraining run's --workdir (its config.json says the architecture
   # and the input normalisation).
   c.pretrained = placeholder(str)
   c.pretrained_step = placeholder(int)  # None: its latest checkpoint.
   c.random_init = False                 # The untrained network (the floor).
+  if frozen:
+    # The floor's BN running statistics: averaged over this many batches of
+    # the probe's training images (0: their init, mean 0 and var 1, which
+    # leaves an untrained network unnormalised in evaluation mode).
+    c.random_init_bn_batches = 10
 
 
 def builtin_demo(c: ConfigDict) -> None:

@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   """COCO 2017 at 1024 px."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  common.add_backbone_source(c)
+  common.add_backbone_source(c, frozen=False)  # BN trains.
   c.data = common.data(
       dataset="coco/2017",
       train_split="train",

@@ -52,6 +52,23 @@ def test_predictions_match_numpy_reference():
   assert accuracy == np.mean(want == test_labels) and accuracy > 0.8
 
 
+def test_features_are_centred_on_the_train_mean_then_unit_rows():
+  rng = np.random.default_rng(2)
+  train = rng.normal(size=(30, 8)).astype(np.float32) + 5.0
+  test = rng.normal(size=(7, 8)).astype(np.float32) + 5.0
+  got_train, got_test = knn.centre_and_normalize(jnp.asarray(train),
+                                                 jnp.asarray(test))
+  mean = train.astype(np.float64).mean(0)
+  for got, x in ((got_train, train), (got_test, test)):
+    want = (x - mean) / np.linalg.norm(x - mean, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # A shared offset (post-ReLU features have a large one) changes nothing.
+  shifted = knn.centre_and_normalize(jnp.asarray(train + 100.0),
+                                     jnp.asarray(test + 100.0))
+  np.testing.assert_allclose(np.asarray(shifted[1]), np.asarray(got_test),
+                             atol=1e-3)
+
+
 def test_own_train_set_is_classified_perfectly():
   rng = np.random.default_rng(1)
   feats = unit_rows(rng, 500, 64)

@@ -67,6 +67,18 @@ def test_topk_counts_match_numpy():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want, float))
 
 
+def test_topk_counts_ties_against_the_label():
+  labels = jnp.asarray([0, 1, 2])
+  # All ten logits equal: no class is predicted, so nothing is correct.
+  assert float(linear._topk_correct(jnp.zeros((3, 10)), labels, 5).sum()) == 0
+  # The label tied with one other for the top: correct in top-2, not top-1.
+  logits = jnp.asarray([[3.0, 3.0, 1.0], [0.0, 2.0, 2.0], [5.0, 0.0, 5.0]])
+  np.testing.assert_array_equal(
+      np.asarray(linear._topk_correct(logits, labels, 1)), [0, 0, 0])
+  np.testing.assert_array_equal(
+      np.asarray(linear._topk_correct(logits, labels, 2)), [1, 1, 1])
+
+
 def test_protocol_schedule_steps_down_at_the_decay_epochs():
   c = linear_probe.get_config()
   _, schedule = linear.build_optimizer(c, steps_per_epoch=10)
@@ -118,7 +130,8 @@ def test_random_init_floor_and_bad_inputs(config, tmp_path):
   config.random_init = True
   config.num_train_examples = 32  # One step: the floor's plumbing only.
   results = linear.run(config, str(tmp_path / "floor"))
-  assert results["random_init"] and results["backbone"] == "random init 0"
+  assert results["random_init"]
+  assert results["backbone"] == "random init 0, BN statistics of 8 batches"
   config.batch_size = 12
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     linear.run(config, str(tmp_path / "bad"))

@@ -347,9 +347,11 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   _check_config(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
-  backbone = pretrained.for_probe(config, mesh)
-  _record_backbone(workdir, backbone, config)
   sources.prepare_builtin(config.data)
+  backbone = probe.backbone_for(
+      config, mesh,
+      lambda: (b["image"] for b in segmentation.make_train_iterator(config)))
+  _record_backbone(workdir, backbone, config)
   total = total_steps(config)
   tx = make_optimizer(config, total)
   size, k = config.views.crop_size, config.data.num_classes

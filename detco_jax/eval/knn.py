@@ -1,9 +1,9 @@
 r"""Weighted kNN classification on frozen features: a cheap quality monitor.
 
-Each test example's L2-normalised res5 feature votes with its k nearest
-training features (cosine similarity s), neighbour i adding exp(s_i / tau)
-to its label's score (Wu et al. 2018, the monitor of InstDisc and MoCo
-ports; k = 200, tau = 0.07). Train features use the test transform (resize
+Each test example's res5 feature, centred on the training features' mean
+and L2-normalised, votes with its k nearest training features (cosine
+similarity s), neighbour i adding exp(s_i / tau) to its label's score (Wu
+et al. 2018, the monitor of InstDisc and MoCo ports; k = 200, tau = 0.07). Train features use the test transform (resize
 and centre crop), so the monitor needs no training at all.
 
 On its own:
@@ -89,10 +89,30 @@ def knn_accuracy(train_features: jax.Array, train_labels: jax.Array,
   return correct / max(test_features.shape[0], 1)
 
 
+def centre_and_normalize(train_features: jax.Array, test_features: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Both sets centred on the train set's mean, then rows to unit norm.
+
+  Pooled post-ReLU features share a large positive mean, so their raw
+  cosine similarities all sit near 1 and the votes' weights barely differ;
+  centring first makes the cosine measure how features vary.
+
+  Args:
+    train_features: [N, D].
+    test_features: [M, D].
+
+  Returns:
+    (train [N, D], test [M, D]) unit rows.
+  """
+  mean = train_features.mean(axis=0)
+  return (features.l2_normalize(train_features - mean),
+          features.l2_normalize(test_features - mean))
+
+
 def extract(backbone: pretrained.Backbone, batches: Iterable[dict[str, Any]],
             mesh: Mesh, stage: str, max_examples: int
             ) -> tuple[np.ndarray, np.ndarray]:
-  """Unit-norm pooled features and labels of up to `max_examples` images.
+  """Pooled features and labels of up to `max_examples` images.
 
   Args:
     backbone: the frozen backbone.
@@ -109,7 +129,7 @@ def extract(backbone: pretrained.Backbone, batches: Iterable[dict[str, Any]],
   @jax.jit
   def embed(variables, images):
     maps = features.stage_maps(backbone, variables, images, (stage,))
-    return features.l2_normalize(features.pooled(maps)[stage])
+    return features.pooled(maps)[stage]
 
   feats, labels, seen = [], [], 0
   for batch in batches:
@@ -153,8 +173,10 @@ def evaluate(backbone: pretrained.Backbone, config: ml_collections.ConfigDict,
   test_x, test_y = extract(backbone, batches(config.data.eval_split), mesh,
                            knn.stage, knn.test_examples)
   num_classes = sources.num_classes(config.data)
-  accuracy = knn_accuracy(jnp.asarray(train_x), jnp.asarray(train_y),
-                          jnp.asarray(test_x), jnp.asarray(test_y),
+  train_x, test_x = centre_and_normalize(jnp.asarray(train_x),
+                                         jnp.asarray(test_x))
+  accuracy = knn_accuracy(train_x, jnp.asarray(train_y),
+                          test_x, jnp.asarray(test_y),
                           num_classes, knn.k, knn.temperature)
   return {"knn_top1": accuracy, "num_train": len(train_y),
           "num_test": len(test_y)}
@@ -171,8 +193,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The results written.
   """
   mesh = sharding.make_mesh()
-  backbone = pretrained.for_probe(config, mesh)
   sources.prepare_builtin(config.data)
+  backbone = probe.backbone_for(config, mesh,
+                                lambda: probe.train_images(config))
   results = dict(probe.results_header(config, backbone),
                  **evaluate(backbone, config, mesh), stage=config.knn.stage,
                  k=config.knn.k, temperature=config.knn.temperature)

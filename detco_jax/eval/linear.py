@@ -84,10 +84,7 @@ def measure_stats(config: ml_collections.ConfigDict,
   Returns:
     `{stage: {"mean": [C], "inv_std": [C]}}`.
   """
-  batches = pipeline.make_eval_iterator(config, config.data.train_split,
-                                        train=False,
-                                        batch_size=config.batch_size)
-  return probe.measure_stats(backbone, mesh, (b["image"] for b in batches),
+  return probe.measure_stats(backbone, mesh, probe.train_images(config),
                              config.stages, config.stats_batches, pool=True)
 
 
@@ -114,12 +111,16 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
 
 
 def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k largest logits, per example."""
+  """1.0 where the label's logit beats all but k - 1 others, per example.
+
+  A logit tied with the label's counts against it: a head (or a collapsed
+  backbone) that outputs equal logits for every class scores 0, not 100%.
+  """
   k = min(k, logits.shape[-1])
   label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  # Rank by strict "greater than" so ties do not push the label out.
-  rank = jnp.sum(logits > label_logit, axis=-1)
-  return (rank < k).astype(jnp.float32)
+  # Others at least as large as the label's (the label itself excluded).
+  rivals = jnp.sum(logits >= label_logit, axis=-1) - 1
+  return (rivals < k).astype(jnp.float32)
 
 
 def make_train_step(backbone: pretrained.Backbone,
@@ -241,8 +242,9 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   """
   _check_config(config)
   mesh = sharding.make_mesh()
-  backbone = pretrained.for_probe(config, mesh)
   sources.prepare_builtin(config.data)
+  backbone = probe.backbone_for(config, mesh,
+                               lambda: probe.train_images(config))
   n_train = (config.num_train_examples if config.num_train_examples > 0 else
              sources.num_examples(config.data, config.data.train_split))
   steps_per_epoch = max(n_train // config.batch_size, 1)

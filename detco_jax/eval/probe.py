@@ -1,12 +1,15 @@
-"""What the probe jobs share: their state, fixed feature statistics, batch
-checks and the header of their result files.
+"""What the probe jobs share: their backbone (the floor's BN statistics
+measured on data), their state, fixed feature statistics, batch checks and
+the header of their result files.
 
 The linear and dense probes train small heads on a frozen backbone through
 the job loop (`detco_jax.loop`); the kNN job trains nothing but reports the
 same header.
 """
 
-from typing import Any, Callable, Iterable, Sequence
+import dataclasses
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import flax
 import jax
@@ -17,9 +20,107 @@ from jax.sharding import Mesh
 
 from detco_jax import pretrained
 from detco_jax import sharding
+from detco_jax.data import pipeline
+from detco_jax.data import sources
 from detco_jax.eval import features
 
 Stats = dict[str, dict[str, Any]]
+
+
+def calibrate_bn(backbone: pretrained.Backbone, mesh: Mesh,
+                 images: Iterable[np.ndarray],
+                 num_batches: int) -> pretrained.Backbone:
+  """The backbone with BN running statistics measured on `images`.
+
+  An untrained ResNet's running statistics are their init (mean 0, var 1),
+  so in evaluation mode it is a network without normalisation, whose
+  features grow from stage to stage: a floor no pretrained network faces.
+  Here every BN layer's running mean and variance become the average over
+  `num_batches` batches of its training-mode batch statistics (what a long
+  run's running averages estimate, as PreciseBN measures them).
+
+  Args:
+    backbone: the backbone (its parameters are kept).
+    mesh: the device mesh.
+    images: this process's uint8 image batches.
+    num_batches: how many batches at most (fewer if `images` ends first).
+
+  Returns:
+    The backbone with the measured statistics.
+
+  Raises:
+    ValueError: when `images` is empty.
+  """
+  # Momentum 0: a training-mode pass leaves exactly the batch's statistics.
+  module = backbone.module.clone(bn_momentum=0.0)
+
+  def batch_stats(variables, batch):
+    x = features.preprocess(batch, backbone.config.aug)
+    _, updated = module.apply(variables, x, train=True,
+                              mutable=["batch_stats"])
+    return updated["batch_stats"]
+
+  rep = sharding.replicated(mesh)
+  batch_stats = jax.jit(batch_stats,
+                        in_shardings=(rep, sharding.batch_sharded(mesh)),
+                        out_shardings=rep)
+  total, n = None, 0
+  for batch in itertools.islice(images, max(1, int(num_batches))):
+    stats = batch_stats(backbone.variables,
+                        sharding.host_to_global(batch, mesh))
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    n += 1
+  if total is None:
+    raise ValueError("No images to measure BN statistics on: the training "
+                     "split has fewer examples than one batch.")
+  variables = dict(backbone.variables,
+                   batch_stats=jax.tree.map(lambda x: x / n, total))
+  return dataclasses.replace(
+      backbone, variables=variables,
+      source=f"{backbone.source}, BN statistics of {n} batches")
+
+
+def train_images(config: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
+  """Test-transform uint8 image batches of the train split from its start,
+  the same on every call: what the probes' statistics are measured on.
+
+  Args:
+    config: a probe config (`data`, `eval_views`, `batch_size`).
+
+  Returns:
+    This process's parts of the split's full global batches of
+    `config.batch_size` (the padded last one is left out: its padding is
+    not data).
+  """
+  batches = pipeline.make_eval_iterator(config, config.data.train_split,
+                                        train=False,
+                                        batch_size=config.batch_size)
+  full = sources.num_examples(config.data, config.data.train_split)
+  return (b["image"] for b in itertools.islice(
+      batches, full // config.batch_size))
+
+
+def backbone_for(config: ml_collections.ConfigDict, mesh: Mesh,
+                 images: Callable[[], Iterable[np.ndarray]]
+                 ) -> pretrained.Backbone:
+  """The backbone a probe config names, the floor's BN measured on data.
+
+  Args:
+    config: a probe config (`pretrained`, `pretrained_step`, `random_init`,
+      `random_init_bn_batches`, `seed`).
+    mesh: the device mesh.
+    images: `images() -> uint8 batches` of the probe's training data, read
+      only for a random-init floor with `random_init_bn_batches > 0`. They
+      must be the same on every call (a resumed probe measures again).
+
+  Returns:
+    The backbone.
+  """
+  backbone = pretrained.for_probe(config, mesh)
+  if config.random_init and config.random_init_bn_batches > 0:
+    backbone = calibrate_bn(backbone, mesh, images(),
+                            config.random_init_bn_batches)
+  return backbone
 
 
 @flax.struct.dataclass

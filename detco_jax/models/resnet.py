@@ -169,6 +169,8 @@ class ResNet(nn.Module):
     bn_groups: sub-batches for batch-norm statistics in training.
     dtype: compute dtype (params stay float32).
     remat: rematerialise each residual block in the backward pass.
+    bn_momentum: decay of the BN running averages in training (0.0 makes
+      them the last batch's statistics, which BN calibration uses).
   """
   depth: int = 50
   width: int = 64
@@ -176,6 +178,7 @@ class ResNet(nn.Module):
   bn_groups: int = 1
   dtype: Any = jnp.float32
   remat: bool = False
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -195,7 +198,8 @@ class ResNet(nn.Module):
     if self.remat:
       block_cls = nn.remat(block_cls)
     norm = functools.partial(GroupBatchNorm, groups=self.bn_groups,
-                             dtype=self.dtype, use_running_average=not train)
+                             momentum=self.bn_momentum, dtype=self.dtype,
+                             use_running_average=not train)
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
       x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
