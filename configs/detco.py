@@ -115,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_cosine = False        # Cosine-schedule the momentum towards 1 (BYOL).
   c.bn = "shuffle"            # "shuffle" (MoCo) or "sync" (global batch).
   c.bn_groups = 8             # BN sub-batches; independent of device count.
+  # What BN's running averages (and the key encoder's EMA of them) are made
+  # of: "views" (the global views alone; patches are normalised with their
+  # own batch statistics) or "views_and_patches" (both, as PyTorch ports
+  # do, which blends two input sizes into every evaluation-mode statistic).
+  c.bn_stats = "views"
 
   # ---- Optimisation.
   c.batch_size = 256          # Global batch, all processes together.

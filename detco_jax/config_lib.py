@@ -68,7 +68,8 @@ def build_model(config: ml_collections.ConfigDict) -> detco_lib.DetCoEncoder:
       depth=m.depth, width=m.width, stem=m.stem, bn_groups=bn_groups(config),
       stages=stages, global_hidden=dict(m.global_hidden),
       local_hidden=m.local_hidden, embed_dim=m.embed_dim,
-      use_local=uses_local(config), dtype=DTYPES[m.dtype], remat=m.remat)
+      use_local=uses_local(config), dtype=DTYPES[m.dtype], remat=m.remat,
+      patch_bn_stats=config.bn_stats == "views_and_patches")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,
@@ -92,6 +93,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
        f"batch_size={b} must divide over the {process_count} processes."),
       (config.bn in ("shuffle", "sync"),
        f"bn={config.bn!r} must be 'shuffle' or 'sync'."),
+      (config.bn_stats in ("views", "views_and_patches"),
+       f"bn_stats={config.bn_stats!r} must be 'views' or "
+       "'views_and_patches'."),
       (b % bn_groups(config) == 0,
        f"batch_size={b} must be a multiple of bn_groups={config.bn_groups}; "
        f"set --config.bn_groups to a divisor of {b}."),

@@ -187,6 +187,17 @@ def test_variants_validate_on_eight_devices(variant):
   assert model.stages == tuple(config_lib.loss_weights(config))
 
 
+def test_bn_stats_reaches_the_model_and_is_checked():
+  config = detco_config.get_config("tiny")
+  assert config.bn_stats == "views"
+  assert not config_lib.build_model(config).patch_bn_stats
+  config.bn_stats = "views_and_patches"
+  assert config_lib.build_model(config).patch_bn_stats
+  config.bn_stats = "patches"
+  with pytest.raises(ValueError, match="bn_stats='patches' must be"):
+    config_lib.validate(config, num_devices=8)
+
+
 def test_paper_setting_figures():
   c = detco_config.get_config()
   assert (c.model.depth, c.batch_size, c.num_epochs) == (50, 256, 200)

@@ -1,5 +1,7 @@
 """Backbone shapes, grouped (shuffle) batch norm, heads and the encoder."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,41 @@ def test_encoder_is_its_backbone_then_its_heads():
   assert patch_maps["res5"].shape[0] == 4 * 9
   assert set(embedded["local"]) == set(resnet.STAGES)
   jax.tree.map(np.testing.assert_array_equal, embedded, called)
+
+
+def _encoder_stats(patch_bn_stats):
+  enc = detco.DetCoEncoder(depth=10, width=8, stem="cifar", bn_groups=2,
+                           local_hidden=32, embed_dim=16,
+                           patch_bn_stats=patch_bn_stats)
+  rng = np.random.default_rng(1)
+  views = jnp.asarray(rng.normal(1.0, 2.0, (4, 16, 16, 3)), jnp.float32)
+  # Patches from another distribution, so that their statistics show.
+  patches = jnp.asarray(rng.normal(-3.0, 0.5, (4, 9, 8, 8, 3)), jnp.float32)
+  variables = enc.init(jax.random.key(0), views, patches, train=False)
+  out, updated = enc.apply(variables, views, patches, train=True,
+                           mutable=["batch_stats"])
+  return enc, variables, views, patches, out, updated["batch_stats"]
+
+
+def test_running_stats_accumulate_the_views_alone_by_default():
+  enc, variables, views, patches, out, stats = _encoder_stats(False)
+  backbone = resnet.ResNet(depth=10, width=8, stem="cifar", bn_groups=2)
+  backbone_vars = {"params": variables["params"]["backbone"],
+                   "batch_stats": variables["batch_stats"]["backbone"]}
+  # The running averages are exactly those of a pass over the views alone.
+  _, views_only = backbone.apply(backbone_vars, views, train=True,
+                                 mutable=["batch_stats"])
+  jax.tree.map(np.testing.assert_array_equal, stats["backbone"],
+               views_only["batch_stats"])
+  # Blended: the patches' batch statistics are folded in after the views'.
+  _, _, _, _, blended_out, blended = _encoder_stats(True)
+  _, then_patches = backbone.apply(
+      {"params": backbone_vars["params"], **views_only}, patches.reshape(
+          (36, 8, 8, 3)), train=True, mutable=["batch_stats"])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6),
+               blended["backbone"], then_patches["batch_stats"])
+  assert not np.allclose(blended["backbone"]["bn1"]["mean"],
+                         stats["backbone"]["bn1"]["mean"])
+  # Either way the patches are normalised with their own batch statistics:
+  # the embeddings do not depend on the setting.
+  jax.tree.map(np.testing.assert_array_equal, out, blended_out)

@@ -32,6 +32,12 @@ class DetCoEncoder(nn.Module):
     local_hidden: hidden width of every jigsaw head.
     embed_dim: embedding size.
     use_local: build jigsaw heads and embed patch sets.
+    patch_bn_stats: fold the patches' BN statistics into the running
+      averages too. False (the default) accumulates those of the global
+      views alone: evaluation (probes, export, detection) sees whole
+      images, and patches 3x smaller than the views would otherwise make
+      up about half of every running statistic. Patches are normalised
+      with their own batch statistics either way.
   """
   depth: int = 50
   width: int = 64
@@ -44,6 +50,7 @@ class DetCoEncoder(nn.Module):
   use_local: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
+  patch_bn_stats: bool = False
 
   def setup(self):
     self.backbone = resnet.ResNet(self.depth, self.width, self.stem,
@@ -93,7 +100,8 @@ class DetCoEncoder(nn.Module):
       return maps, None
     b, p = patches.shape[:2]
     return maps, self.backbone(
-        patches.reshape((b * p,) + patches.shape[2:]), train)
+        patches.reshape((b * p,) + patches.shape[2:]), train,
+        accumulate_stats=self.patch_bn_stats)
 
   def heads(self, maps: StageMaps,
             patch_maps: StageMaps | None) -> Embeddings:

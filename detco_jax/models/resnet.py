@@ -38,6 +38,9 @@ class GroupBatchNorm(nn.Module):
     scale_init: initialiser of the scale (gamma).
     use_running_average: normalise with the running averages (evaluation)
       instead of sub-batch statistics (training); may be given at call time.
+    accumulate: in training, fold the batch's statistics into the running
+      averages; False normalises with them and keeps the averages as they
+      are (DetCo's jigsaw patches, see `DetCoEncoder`).
   """
   groups: int = 1
   momentum: float = 0.9
@@ -45,6 +48,7 @@ class GroupBatchNorm(nn.Module):
   dtype: Any = jnp.float32
   scale_init: Callable = nn.initializers.ones
   use_running_average: bool | None = None
+  accumulate: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array,
@@ -81,7 +85,7 @@ class GroupBatchNorm(nn.Module):
     # Two-pass variance: E[x^2] - E[x]^2 loses precision for large means.
     var = jnp.square(xg - mean).mean(axes, keepdims=True)
     y = self._affine(xg, mean, var, scale, bias).reshape(x.shape)
-    if not self.is_initializing():
+    if self.accumulate and not self.is_initializing():
       m = self.momentum
       # Running stats average the groups' statistics (MoCo keeps one GPU's).
       ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(c)
@@ -181,12 +185,15 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool,
+               accumulate_stats: bool = True) -> dict[str, jax.Array]:
     """Runs the backbone.
 
     Args:
       x: images [N, H, W, 3], normalised.
       train: batch statistics (and running-average updates) in BN.
+      accumulate_stats: in training, update BN's running averages with
+        this batch's statistics (False: normalise only).
 
     Returns:
       A dict of the four stage maps, [N, H/s, W/s, C] at strides s.
@@ -199,7 +206,8 @@ class ResNet(nn.Module):
       block_cls = nn.remat(block_cls)
     norm = functools.partial(GroupBatchNorm, groups=self.bn_groups,
                              momentum=self.bn_momentum, dtype=self.dtype,
-                             use_running_average=not train)
+                             use_running_average=not train,
+                             accumulate=accumulate_stats)
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
       x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
