@@ -1,6 +1,7 @@
 """Attention maps: the definition against NumPy, the picture, the CLI."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,43 @@ def test_map_peaks_where_the_activation_is(cell):
   assert np.all(got[mask] == 0.0)
 
 
+def _np_ratio(energy, masks):
+  objects = (masks > 0) & (masks != 255)
+  return energy[objects].mean() / energy[masks == 0].mean()
+
+
+def test_object_background_ratio_matches_numpy():
+  rng = np.random.default_rng(3)
+  energy = rng.random((5, 8, 8)).astype(np.float32)
+  masks = rng.integers(0, 4, (5, 8, 8)).astype(np.uint8)
+  masks[0, :2] = 255   # Ignored pixels count for neither side.
+  energy[masks > 0] *= 3.0
+  got = attention.ratio_of_sums(attention.masked_sums(energy, masks))
+  np.testing.assert_allclose(got, _np_ratio(energy, masks), rtol=1e-5)
+  # Sums add up over batches: two halves give the same ratio.
+  halves = sum(np.asarray(attention.masked_sums(energy[i:i + 3],
+                                                masks[i:i + 3]))
+               for i in (0, 3))
+  np.testing.assert_allclose(attention.ratio_of_sums(halves), got, rtol=1e-5)
+
+
+def test_stage_ratios_match_numpy_on_the_raw_maps(tiny_pretrain_workdir,
+                                                  builtin_data_dir):
+  from detco_jax import pretrained  # pylint: disable=g-import-outside-toplevel
+  backbone = pretrained.load(tiny_pretrain_workdir)
+  images, masks = attention.load_masked_images(
+      backbone.config, None, 10, data_dir=builtin_data_dir)
+  assert images.shape == (10, 32, 32, 3) and masks.shape == (10, 32, 32)
+  assert (masks == 0).any() and (masks > 0).any()
+  ratios = attention.stage_ratios(backbone, images, masks, batch_size=4)
+  raw = attention.compute_maps(backbone, images)["raw"]
+  for stage in attention.STAGES:
+    up = _np_resize_axis(_np_resize_axis(raw[stage].astype(np.float64), 32,
+                                         1), 32, 2)
+    np.testing.assert_allclose(ratios[stage], _np_ratio(up, masks),
+                               rtol=1e-4)
+
+
 def test_parse_run():
   assert attention.parse_run("detco:/a/b") == attention.RunSpec(
       "detco", "/a/b")
@@ -140,7 +178,7 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path):
       [sys.executable, "-m", "detco_jax.eval.attention",
        f"--run=detco:{tiny_pretrain_workdir}",
        f"--run=mocov2:{tiny_pretrain_workdir}@3", "--run=random:random",
-       f"--out={out}", "--num_images=3"],
+       f"--out={out}", "--num_images=3", "--ratio_images=20"],
       check=True, env=env, cwd=REPO, timeout=300)
 
   side = visualize.tile_size(32)
@@ -166,6 +204,14 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path):
     # Different checkpoints, different maps.
     assert not np.allclose(npz["detco/res5/raw"], npz["mocov2/res5/raw"])
     assert not np.allclose(npz["detco/res5/raw"], npz["random/res5/raw"])
+
+  with open(os.path.join(out, attention.RATIO_FILE)) as f:
+    ratio = json.load(f)
+  assert ratio["images"] == 20
+  assert sorted(ratio["ratios"]) == ["detco", "mocov2", "random"]
+  for stages in ratio["ratios"].values():
+    assert sorted(stages) == list(attention.STAGES)
+    assert all(0 < r < 100 for r in stages.values())
 
   acc = event_accumulator.EventAccumulator(
       out, size_guidance={event_accumulator.TENSORS: 0})

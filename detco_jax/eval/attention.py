@@ -6,7 +6,7 @@ active, DetCo and MoCo v2 side by side:
   python -m detco_jax.eval.attention \
       --run=detco:$DETCO_WORKDIR --run=mocov2:$MOCO_WORKDIR \
       --run=random:random --out=$OUT [--num_images=8] [--split=test] \
-      [--data_dir=...] [--step=...] [--p=1]
+      [--data_dir=...] [--step=...] [--p=1] [--ratio_images=500]
 
 `--run=LABEL:WORKDIR[@STEP]` names a pretraining run (its latest checkpoint,
 `--step`, or STEP); `--run=LABEL:random` is the untrained floor, with the
@@ -21,6 +21,14 @@ a [h, w, C] (post-ReLU, so |a| = a), bilinearly upsampled to the image size
 and min-max normalised to [0, 1] per image and stage. p = 1 by default;
 p = 2 (mean of squares) stresses the strongest positions more.
 
+Where a backbone looks, as a number: on datasets with object masks (the
+built-in `detco_shapes`), the object/background ratio of each stage is the
+mean channel-mean |a|^p over object pixels (mask > 0) divided by that over
+background pixels (mask 0), the stage's map bilinearly upsampled to the
+image (not normalised), pooled over the first `--ratio_images` test images.
+Above 1, a stage is more active on objects than on the background; a
+detector needs that.
+
 Written to `--out` (process 0 only; every process may run the command):
 
   * `attention.png`: rows = images; columns = the image, then res2..res5 of
@@ -31,7 +39,9 @@ Written to `--out` (process 0 only; every process may run the command):
   * `attention_maps.npz`: "images" uint8 [N, S, S, 3], "image_labels" [N],
     "runs" (the labels), and per run and stage "<label>/<stage>" float32
     [N, S, S] (the normalised maps) and "<label>/<stage>/raw" [N, h, w] (the
-    channel means before upsampling and normalisation).
+    channel means before upsampling and normalisation);
+  * `attention_ratio.json`: {"images": n, "ratios": {label: {stage:
+    ratio}}} (with masks only), also logged as a table.
 """
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
@@ -54,8 +64,11 @@ from etils import epath
 from PIL import Image
 
 from detco_jax import pretrained
+from detco_jax import reporting
 from detco_jax import visualize
 from detco_jax.data import pipeline
+from detco_jax.data import segmentation
+from detco_jax.data import sources
 from detco_jax.eval import features
 
 Array = jax.Array
@@ -64,6 +77,7 @@ STAGES = ("res2", "res3", "res4", "res5")
 # A run whose workdir is one of these is a random initialisation.
 RANDOM_WORKDIRS = ("random", "random_init")
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+RATIO_FILE = "attention_ratio.json"
 
 
 # ----------------------------------------------------------------------------
@@ -125,6 +139,68 @@ def compute_maps(backbone: pretrained.Backbone, images: np.ndarray,
   # this small job runs on one process's default device.
   variables = jax.device_get(backbone.variables)
   return jax.device_get(jax.jit(fn)(variables, images))
+
+
+def masked_sums(energy: Array, masks: Array) -> Array:
+  """Sums and pixel counts of `energy` on objects and on background.
+
+  Args:
+    energy: float [N, H, W] maps at the masks' size (not normalised).
+    masks: [N, H, W] ints: 0 background, 1..K objects, others ignored
+      (`segmentation.IGNORE`, padding).
+
+  Returns:
+    float32 [4]: object sum, object pixels, background sum, background
+    pixels.
+  """
+  masks = masks.astype(jnp.int32)
+  objects = (masks > 0) & (masks != segmentation.IGNORE)
+  background = masks == 0
+  total = lambda where: jnp.sum(jnp.where(where, energy, 0.0))
+  return jnp.stack([total(objects), jnp.sum(objects), total(background),
+                    jnp.sum(background)]).astype(jnp.float32)
+
+
+def ratio_of_sums(sums: Any) -> float:
+  """Object mean over background mean, from `masked_sums` (added up)."""
+  sums = np.asarray(sums, np.float64)
+  return float((sums[0] / max(sums[1], 1)) / (sums[2] / max(sums[3], 1)))
+
+
+def stage_ratios(backbone: pretrained.Backbone, images: np.ndarray,
+                 masks: np.ndarray, p: float = 1.0,
+                 batch_size: int = 100) -> dict[str, float]:
+  """Each stage's object/background ratio over `images` (this process).
+
+  Args:
+    backbone: the backbone.
+    images: uint8 [N, S, S, 3].
+    masks: [N, S, S] object masks (0 background).
+    p: the exponent of |a|.
+    batch_size: images per forward pass.
+
+  Returns:
+    {stage: ratio}, pooled over every pixel of every image.
+  """
+  size = images.shape[1:3]
+
+  @jax.jit
+  def sums(variables, images, masks):
+    stage = features.stage_maps(backbone, variables, images, STAGES)
+    out = {}
+    for s, m in stage.items():
+      energy = channel_energy(m, p)
+      energy = jax.image.resize(energy, (energy.shape[0], *size), "bilinear")
+      out[s] = masked_sums(energy, masks)
+    return out
+
+  variables = jax.device_get(backbone.variables)
+  total = None
+  for i in range(0, len(images), batch_size):
+    part = jax.device_get(sums(variables, images[i:i + batch_size],
+                               masks[i:i + batch_size]))
+    total = part if total is None else {s: total[s] + part[s] for s in part}
+  return {s: ratio_of_sums(t) for s, t in total.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -227,6 +303,60 @@ def load_images(config: ml_collections.ConfigDict, split: str | None,
   return batch["image"][real], batch["label"][real]
 
 
+def load_masked_images(config: ml_collections.ConfigDict, split: str | None,
+                       num_images: int, data_dir: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+  """The first `num_images` test views with their object masks.
+
+  The same resize and centre crop as `load_images` (the linear probe's test
+  views), cut identically from the mask (nearest neighbour).
+
+  Args:
+    config: the pretraining config.
+    split: the split; None: `config.data.eval_split`.
+    num_images: how many at most.
+    data_dir: overrides `config.data.data_dir`.
+
+  Returns:
+    (uint8 [n, S, S, 3] images, uint8 [n, S, S] masks); None when the
+    dataset has no object masks (only the built-in one has).
+  """
+  if config.data.dataset.split("/")[0] != sources.BUILTIN_NAME:
+    return None
+  config = copy.deepcopy(config)
+  if data_dir:
+    config.data.data_dir = data_dir
+  config.data.eval_split = split or config.data.get("eval_split", "test")
+  # The built-in dataset's `mask`: 0 background, c + 1 for class c.
+  config.data.mask_key, config.data.mask_offset = "mask", 0
+  config.data.num_classes = sources.num_classes(config.data) + 1
+  config.views = ml_collections.ConfigDict(dict(
+      crop_size=config.eval_views.crop_size,
+      resize_size=config.eval_views.resize_size))
+  images, masks, seen = [], [], 0
+  for batch in segmentation.make_test_iterator(
+      config, batch_size=min(num_images, 256), process_index=0,
+      process_count=1):
+    real = batch["valid"] > 0
+    images.append(batch["image"][real])
+    masks.append(batch["mask"][real])
+    seen += int(real.sum())
+    if seen >= num_images:
+      break
+  return (np.concatenate(images)[:num_images],
+          np.concatenate(masks)[:num_images])
+
+
+def log_ratios(ratios: dict[str, dict[str, float]], num_images: int) -> None:
+  """Logs the object/background ratios as a Markdown table."""
+  lines = ["| backbone | " + " | ".join(STAGES) + " |",
+           "|---" * (len(STAGES) + 1) + "|"]
+  lines += [f"| {label} | " + " | ".join(f"{r[s]:.2f}" for s in STAGES)
+            + " |" for label, r in ratios.items()]
+  logging.info("Object/background attention ratio over %d images:\n%s",
+               num_images, "\n".join(lines))
+
+
 # ----------------------------------------------------------------------------
 # Outputs.
 
@@ -274,7 +404,8 @@ def write_outputs(out: str, images: np.ndarray, image_labels: np.ndarray,
 def run(specs: Sequence[str], out: str, *, num_images: int = 8,
         split: str | None = None, data_dir: str | None = None,
         step: int | None = None, p: float = 1.0, seed: int = 0,
-        alpha: float = 0.5) -> dict[str, Any] | None:
+        alpha: float = 0.5,
+        ratio_images: int = 500) -> dict[str, Any] | None:
   """The job: load, compute on process 0, write (see module doc).
 
   Args:
@@ -287,10 +418,13 @@ def run(specs: Sequence[str], out: str, *, num_images: int = 8,
     p: the exponent of |a|.
     seed: the random runs' initialisation seed.
     alpha: the heat maps' opacity.
+    ratio_images: test images for the object/background ratios (0: none;
+      datasets without masks have none).
 
   Returns:
-    On process 0 {"images", "image_labels", "results"} as written; None on
-    other processes.
+    On process 0 {"images", "image_labels", "results"} as written, and
+    "ratios" ({label: {stage: ratio}}) when measured; None on other
+    processes.
   """
   runs = [parse_run(s) for s in specs]
   if not runs:
@@ -308,7 +442,18 @@ def run(specs: Sequence[str], out: str, *, num_images: int = 8,
   write_outputs(out, images, image_labels, results, backbones[0].step, alpha)
   logging.info("Wrote %d images x %d runs to %s.", len(images), len(runs),
                out)
-  return {"images": images, "image_labels": image_labels, "results": results}
+  returned = {"images": images, "image_labels": image_labels,
+              "results": results}
+  masked = (load_masked_images(config, split, ratio_images, data_dir)
+            if ratio_images > 0 else None)
+  if masked is not None:
+    ratios = {spec.label: stage_ratios(backbone, *masked, p)
+              for spec, backbone in zip(runs, backbones)}
+    reporting.write_json(out, RATIO_FILE, {"images": len(masked[0]),
+                                           "ratios": ratios})
+    log_ratios(ratios, len(masked[0]))
+    returned["ratios"] = ratios
+  return returned
 
 
 # ----------------------------------------------------------------------------
@@ -335,13 +480,17 @@ def _define_flags() -> None:
   flags.DEFINE_float("p", 1.0, "Maps are the channel mean of |a|^p.")
   flags.DEFINE_integer("seed", 0, "Initialisation seed of random runs.")
   flags.DEFINE_float("alpha", 0.5, "Opacity of the heat maps.")
+  flags.DEFINE_integer("ratio_images", 500,
+                       "Test images for the object/background ratios (0: "
+                       "none).")
 
 
 def main() -> None:
   """Runs the job with the command-line flags."""
   f = flags.FLAGS
   run(f.run, f.out, num_images=f.num_images, split=f.split,
-      data_dir=f.data_dir, step=f.step, p=f.p, seed=f.seed, alpha=f.alpha)
+      data_dir=f.data_dir, step=f.step, p=f.p, seed=f.seed, alpha=f.alpha,
+      ratio_images=f.ratio_images)
 
 
 if __name__ == "__main__":
