@@ -33,6 +33,10 @@ Variants (`--config=configs/dense_probe.py:VARIANT`):
              + 10 shapes); a few minutes on a 2-core CPU for the demo's
              ResNet-18 of width 16.
   tiny       a few-step smoke configuration for tests (32 px).
+  fgbg       after another variant: two classes, the background and every
+             other class merged into "foreground" (e.g. `:demo,fgbg`), so
+             the mIoU says whether a stage separates objects from
+             background, whatever their class.
 
 Arguments (`name=value` after the variants, configs/common.py):
 
@@ -59,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
       mask_offset=-1,                   # Stored 1..3 -> classes 0..2.
       num_classes=3,
       class_names=("pet", "background", "border"),
+      # Merge the classes into background (`background_class`) and
+      # foreground (any other): the `fgbg` variant.
+      foreground_background=False,
+      background_class=1,
   )
 
   # Training: RandomResizedCrop of `area` + flip; testing: shorter side to
@@ -92,6 +100,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.data.mask_key = "mask"
   c.data.mask_offset = 0
   c.data.num_classes = 11
+  c.data.background_class = 0
   c.data.class_names = ("background", "circle", "square", "triangle", "plus",
                         "ring", "star", "hexagon", "bar", "diamond",
                         "crescent")
@@ -117,7 +126,12 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every = 2
 
 
-VARIANTS = {"demo": _demo, "tiny": _tiny}
+def _fgbg(c: ml_collections.ConfigDict) -> None:
+  """Foreground against background: does a stage know where objects are?"""
+  c.data.foreground_background = True
+
+
+VARIANTS = {"demo": _demo, "tiny": _tiny, "fgbg": _fgbg}
 
 
 ARGUMENTS = common.run_arguments()

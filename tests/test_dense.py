@@ -171,6 +171,32 @@ def test_streams_on_builtin(builtin_data_dir):
   assert [sum(int(b["valid"].sum()) for b in s) for s in shards] == [32, 32]
 
 
+def test_foreground_background_merges_the_classes(builtin_data_dir):
+  config = tiny_config(builtin_data_dir)
+  assert segmentation.probe_classes(config.data) == (
+      11, ("background",) + builtin.CLASS_NAMES)
+  per_class = list(segmentation.make_test_iterator(
+      config, batch_size=48, process_index=0, process_count=1))
+  config = dense_probe.get_config("tiny,fgbg")
+  config.data.data_dir = builtin_data_dir
+  assert segmentation.probe_classes(config.data) == (
+      2, ("background", "foreground"))
+  merged = list(segmentation.make_test_iterator(
+      config, batch_size=48, process_index=0, process_count=1))
+  for a, b in zip(per_class, merged):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    want = np.where(a["mask"] == segmentation.IGNORE, segmentation.IGNORE,
+                    (a["mask"] > 0).astype(np.uint8))
+    np.testing.assert_array_equal(b["mask"], want)
+  assert set(np.unique(merged[0]["mask"])) == {0, 1}
+  # The stored mask's other values stay ignored; a chosen class is the
+  # background.
+  raw = tf.constant([[[0], [3], [7], [200]]], tf.uint8)
+  np.testing.assert_array_equal(
+      segmentation.remap_mask(raw, 0, 8, background=3).numpy().ravel(),
+      [1, 0, 1, segmentation.IGNORE])
+
+
 # ----------------------------------------------------------------------------
 # The job.
 
@@ -206,6 +232,14 @@ def test_end_to_end_resumes_and_refuses_another_backbone(
   config.random_init = True
   with pytest.raises(ValueError, match="another --workdir"):
     dense.run(config, workdir)
+
+  # Foreground/background: two classes, named so in the results.
+  config.random_init, config.total_steps = False, 2
+  config.data.foreground_background = True
+  fgbg = dense.run(config, str(tmp_path / "fgbg"))
+  assert fgbg["num_classes"] == 2
+  for r in fgbg["stages"].values():
+    assert set(r["iou"]) == {"background", "foreground"}
 
 
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(

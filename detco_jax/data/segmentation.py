@@ -9,7 +9,9 @@ Datasets: any TFDS dataset with an image and a per-pixel class mask, e.g.
 
 `config.data.mask_key` names the mask feature, `mask_offset` is added to its
 values, and any value outside [0, num_classes) afterwards becomes `IGNORE`
-(255), which the probe leaves out of its loss and IoU.
+(255), which the probe leaves out of its loss and IoU. With
+`foreground_background`, the classes are then merged into two: 0 for
+`background_class`, 1 for every other class (`probe_classes`).
 
 Streams (numpy batches of this process's share b of the global batch):
 
@@ -47,20 +49,40 @@ IGNORE = 255
 _FLIP_TAG = 7
 
 
-def remap_mask(raw: tf.Tensor, offset: int, num_classes: int) -> tf.Tensor:
+def remap_mask(raw: tf.Tensor, offset: int, num_classes: int,
+               background: Optional[int] = None) -> tf.Tensor:
   """Raw mask values -> class ids in [0, num_classes), else `IGNORE`.
 
   Args:
     raw: integer mask [H, W, 1] as stored.
     offset: added to every value (e.g. -1 for values starting at 1).
     num_classes: number of segmentation classes.
+    background: if set, merge the classes into 0 (this class) and 1 (any
+      other).
 
   Returns:
     uint8 [H, W, 1].
   """
   ids = tf.cast(raw, tf.int32) + offset
   valid = (ids >= 0) & (ids < num_classes)
+  if background is not None:
+    ids = tf.cast(ids != background, tf.int32)
   return tf.cast(tf.where(valid, ids, IGNORE), tf.uint8)
+
+
+def probe_classes(config_data: Any) -> Tuple[int, Tuple[str, ...]]:
+  """The classes the probe predicts: the dataset's, or foreground/background.
+
+  Args:
+    config_data: `config.data` (num_classes, class_names and, optionally,
+      foreground_background and background_class).
+
+  Returns:
+    (number of classes, their names).
+  """
+  if config_data.get("foreground_background", False):
+    return 2, ("background", "foreground")
+  return int(config_data.num_classes), tuple(config_data.class_names)
 
 
 def open_mask_source(config_data: Any, split: str, *,
@@ -108,6 +130,8 @@ def open_mask_source(config_data: Any, split: str, *,
   parse_spec = {image_key: spec[image_key], mask_key: spec[mask_key]}
   offset = int(config_data.mask_offset)
   num_classes = int(config_data.num_classes)
+  background = (int(config_data.background_class)
+                if config_data.get("foreground_background", False) else None)
 
   def decode(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     example = tf.io.parse_single_example(serialized, parse_spec)
@@ -121,7 +145,7 @@ def open_mask_source(config_data: Any, split: str, *,
         message="mask and image sizes differ")
     with tf.control_dependencies([same_size]):
       mask = remap_mask(tf.ensure_shape(raw, [None, None, 1]), offset,
-                        num_classes)
+                        num_classes, background)
     return {"image": image, "label": mask}
 
   return dataclasses.replace(source, _decode=decode)

@@ -12,7 +12,9 @@ on softmax cross-entropy over labelled pixels. The test pass sums a
 confusion matrix per stage over the test split (padding and ignored pixels
 excluded) and reports mIoU (mean over classes with a non-empty union of
 TP / (TP + FP + FN)), pixel accuracy and per-class IoU to TensorBoard, the
-log and `<workdir>/dense_results.json`.
+log and `<workdir>/dense_results.json`. With `data.foreground_background`
+(`configs/dense_probe.py:demo,fgbg`) the classes are merged into background
+and foreground, and the probe asks only where the objects are.
 
 Resumable: a workdir with a checkpoint continues from it; a finished one
 is only evaluated again. The workdir records which backbone it probes and
@@ -354,7 +356,8 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   _record_backbone(workdir, backbone, config)
   total = total_steps(config)
   tx = make_optimizer(config, total)
-  size, k = config.views.crop_size, config.data.num_classes
+  size = config.views.crop_size
+  k, _ = segmentation.probe_classes(config.data)
   train_step = make_train_step(backbone, tx, k, size, mesh)
 
   def init_state_for(resuming):
@@ -410,7 +413,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _test(config, backbone, state, mesh) -> dict[str, Any]:
   """Confusion matrices over the test split -> per-stage results."""
-  k, size = config.data.num_classes, config.views.crop_size
+  (k, names), size = (segmentation.probe_classes(config.data),
+                      config.views.crop_size)
   logging.info("Dense probe: testing on %s split %s.", config.data.dataset,
                config.data.eval_split)
   eval_step = make_eval_step(backbone, k, size, mesh)
@@ -420,7 +424,6 @@ def _test(config, backbone, state, mesh) -> dict[str, Any]:
   outs = [eval_step(state, backbone.variables,
                     sharding.host_to_global(batch, mesh)) for batch in data]
   outs = jax.device_get(outs)
-  names = list(config.data.class_names)
   stages = {}
   for s in config.stages:
     confusion = np.sum([np.asarray(o[s], np.int64) for o in outs], axis=0)
