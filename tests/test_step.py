@@ -119,6 +119,28 @@ def test_step_metrics_queues_and_ema():
                              0.5 * old_ema + 0.5 * new_q, rtol=1e-5, atol=1e-7)
 
 
+def test_bn_stats_setting_changes_running_averages_not_training():
+  """Training normalises with batch statistics either way, so the loss and
+  the parameters are identical; only the running averages (and their EMA)
+  differ, by whether the patches were folded in."""
+  states = {}
+  for setting in ("views", "views_and_patches"):
+    config = tiny_config(bn_stats=setting, ema_momentum=0.5)
+    mesh, _, state, step = setup(config)
+    batch = sharding.host_to_global(random_batch(config), mesh)
+    for i in range(2):
+      state, metrics = step(state, batch, jax.random.key(i))
+    states[setting] = (jax.device_get(state), jax.device_get(metrics))
+  (views, m_views), (both, m_both) = states.values()
+  assert m_views["loss"] == m_both["loss"]
+  jax.tree.map(np.testing.assert_array_equal, views.params, both.params)
+  jax.tree.map(np.testing.assert_array_equal, views.queues, both.queues)
+  for stats in ("batch_stats", "ema_batch_stats"):
+    a = getattr(views, stats)["backbone"]["bn1"]["mean"]
+    b = getattr(both, stats)["backbone"]["bn1"]["mean"]
+    assert not np.allclose(a, b), stats
+
+
 def test_mocov2_switches_drop_local_branch():
   config = tiny_config()
   config.loss.multi_level = False
