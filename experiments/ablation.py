@@ -36,8 +36,6 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-
 from configs import dense_probe  # pylint: disable=g-import-not-at-top
 from configs import detection as detection_config  # pylint: disable=g-import-not-at-top
 from configs import detco  # pylint: disable=g-import-not-at-top
@@ -47,6 +45,7 @@ from detco_jax import train  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import dense  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import detection  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import linear  # pylint: disable=g-import-not-at-top
+from experiments import tables  # pylint: disable=g-import-not-at-top
 
 STAGES = ("res2", "res3", "res4", "res5")
 # (row label, config variant added to "ablation").
@@ -168,14 +167,6 @@ def run_all(workdir: str, seeds: list[int], scale: str,
   return {"runs": runs, "seconds": seconds, "seeds": seeds, "scale": scale}
 
 
-def _cell(values: list[float]) -> str:
-  """Mean +- half the range, in percent."""
-  values = 100 * np.asarray(values)
-  if len(values) == 1:
-    return f"{values[0]:.1f}"
-  return f"{values.mean():.1f} ± {(values.max() - values.min()) / 2:.1f}"
-
-
 def table(results: dict[str, Any]) -> str:
   """The Markdown table: linear top-1 and dense mIoU per stage (and the
   detection APs, when every run has them), in %."""
@@ -188,9 +179,9 @@ def table(results: dict[str, Any]) -> str:
           + "".join(f" | det {m}" for m in metrics) + " |")
   lines = [head, "|---" * (1 + 2 * len(STAGES) + len(metrics)) + "|"]
   for label, figures in runs.items():
-    cells = [_cell([f["linear_top1"][s] for f in figures]) for s in STAGES]
-    cells += [_cell([f["dense_miou"][s] for f in figures]) for s in STAGES]
-    cells += [_cell([f["detection"][m] for f in figures]) for m in metrics]
+    cells = [tables.cell([f["linear_top1"][s] for f in figures]) for s in STAGES]
+    cells += [tables.cell([f["dense_miou"][s] for f in figures]) for s in STAGES]
+    cells += [tables.cell([f["detection"][m] for f in figures]) for m in metrics]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -212,11 +203,7 @@ def main() -> None:
   text = table(results)
   summary = (f"{text}\n\nSeeds {seeds}; mean ± half-range, in %. Total "
              f"{results['total_seconds'] / 60:.0f} min.\n")
-  print(summary)
-  with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
-    f.write(summary)
-  with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  tables.write_summary(args.workdir, "ablation", summary, results)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import detection as detection_config  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import detection  # pylint: disable=g-import-not-at-top
+from experiments import tables  # pylint: disable=g-import-not-at-top
 
 FLOOR = "random init"
 METRICS = ("AP", "AP50", "AP75")
@@ -109,17 +110,6 @@ def run_all(workdir: str, backbones: list[tuple[str, str]], seeds: list[int],
           "schedules": schedules}
 
 
-def _mean_half_range(values: list[float]) -> tuple[float, float]:
-  """Mean and half the range, in percent."""
-  values = 100 * np.asarray(values)
-  return values.mean(), (values.max() - values.min()) / 2
-
-
-def _cell(values: list[float]) -> str:
-  mean, half = _mean_half_range(values)
-  return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {half:.1f}"
-
-
 def table(results: dict[str, Any]) -> str:
   """The Markdown table: one row per backbone and schedule."""
   lines = ["| backbone | steps | " + " | ".join(METRICS)
@@ -128,7 +118,7 @@ def table(results: dict[str, Any]) -> str:
   for steps in map(str, results["schedules"]):
     for label, by_steps in results["runs"].items():
       figures = by_steps[steps]
-      cells = [_cell([f[m] for f in figures]) for m in METRICS]
+      cells = [tables.cell([f[m] for f in figures]) for m in METRICS]
       per_seed = " / ".join(f"{100 * f['AP']:.1f}" for f in figures)
       minutes = np.median(results["seconds"][label][steps]) / 60
       lines.append(f"| {label} | {steps} | " + " | ".join(cells)
@@ -144,9 +134,9 @@ def ordering(results: dict[str, Any]) -> str:
   labels = list(results["runs"])
   for steps in map(str, results["schedules"]):
     for better, worse in zip(labels, labels[1:]):
-      a, ha = _mean_half_range(
+      a, ha = tables.mean_half_range(
           [f["AP"] for f in results["runs"][better][steps]])
-      b, hb = _mean_half_range(
+      b, hb = tables.mean_half_range(
           [f["AP"] for f in results["runs"][worse][steps]])
       verdict = ("beyond the seed ranges" if abs(a - b) > ha + hb
                  else "within the seed ranges")
@@ -181,12 +171,7 @@ def main() -> None:
   summary = (f"{table(results)}\n\n{ordering(results)}\n\nSeeds {seeds}; "
              f"mean ± half-range, in %. Total "
              f"{results['total_seconds'] / 60:.0f} min.\n")
-  print(summary)
-  os.makedirs(args.workdir, exist_ok=True)
-  with open(os.path.join(args.workdir, "detection_transfer.md"), "w") as f:
-    f.write(summary)
-  with open(os.path.join(args.workdir, "detection_transfer.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  tables.write_summary(args.workdir, "detection_transfer", summary, results)
 
 
 if __name__ == "__main__":
