@@ -13,7 +13,8 @@ Markdown table of AP, AP50 and AP75 (mean ± half-range over the seeds, in
 far apart the backbones are against their seed ranges. It writes the table
 to `<workdir>/detection_transfer.md` and every run's figures and wall time
 to `detection_transfer.json`. A run whose `detection_results.json` is
-complete is reused, so an interrupted script resumes where it stopped.
+complete is reused, so an interrupted script resumes where it stopped; its
+time is the one recorded when it ran (`transfer_seconds.json`).
 """
 
 import argparse
@@ -37,6 +38,8 @@ from experiments import tables  # pylint: disable=g-import-not-at-top
 
 FLOOR = "random init"
 METRICS = ("AP", "AP50", "AP75")
+# Beside a run's detection_results.json: how long the run took.
+TIME_FILE = "transfer_seconds.json"
 
 
 def transfer_config(pretrained: str, seed: int, steps: int,
@@ -58,7 +61,8 @@ def _finished(run_dir: str, steps: int) -> dict[str, Any] | None:
 
 
 def run_one(pretrained: str, run_dir: str, seed: int, steps: int,
-            random_init: bool = False) -> tuple[dict[str, float], float]:
+            random_init: bool = False
+            ) -> tuple[dict[str, float], float | None]:
   """Fine-tunes and evaluates one detector, or reads a finished one.
 
   Args:
@@ -69,14 +73,26 @@ def run_one(pretrained: str, run_dir: str, seed: int, steps: int,
     random_init: start from the untrained architecture instead.
 
   Returns:
-    ({metric: value} for METRICS, seconds this call took).
+    ({metric: value} for METRICS, the seconds the run took: measured now,
+    or as recorded in `TIME_FILE` by the call that ran it; None if that
+    call left no record).
   """
   start = time.time()
   results = _finished(run_dir, steps)
-  if results is None:
+  time_file = os.path.join(run_dir, TIME_FILE)
+  if results is not None:
+    seconds = None
+    if os.path.exists(time_file):
+      with open(time_file) as f:
+        seconds = json.load(f)["seconds"]
+  else:
     results = detection.run(
         transfer_config(pretrained, seed, steps, random_init), run_dir)
-  return {m: results[m] for m in METRICS}, time.time() - start
+    seconds = time.time() - start
+    os.makedirs(run_dir, exist_ok=True)
+    with open(time_file, "w") as f:
+      json.dump({"seconds": seconds}, f)
+  return {m: results[m] for m in METRICS}, seconds
 
 
 def run_all(workdir: str, backbones: list[tuple[str, str]], seeds: list[int],
@@ -104,8 +120,9 @@ def run_all(workdir: str, backbones: list[tuple[str, str]], seeds: list[int],
         figures, took = run_one(path, run_dir, seed, steps, random_init)
         runs.setdefault(label, {}).setdefault(str(steps), []).append(figures)
         seconds.setdefault(label, {}).setdefault(str(steps), []).append(took)
+        when = "reused" if took is None else f"in {took / 60:.1f} min"
         print(f"{label}, {steps} steps, seed {seed}: {json.dumps(figures)} "
-              f"in {took / 60:.1f} min", flush=True)
+              f"{when}", flush=True)
   return {"runs": runs, "seconds": seconds, "seeds": seeds,
           "schedules": schedules}
 
@@ -120,9 +137,10 @@ def table(results: dict[str, Any]) -> str:
       figures = by_steps[steps]
       cells = [tables.cell([f[m] for f in figures]) for m in METRICS]
       per_seed = " / ".join(f"{100 * f['AP']:.1f}" for f in figures)
-      minutes = np.median(results["seconds"][label][steps]) / 60
+      known = [t for t in results["seconds"][label][steps] if t is not None]
+      minutes = f"{np.median(known) / 60:.1f}" if known else "-"
       lines.append(f"| {label} | {steps} | " + " | ".join(cells)
-                   + f" | {per_seed} | {minutes:.1f} |")
+                   + f" | {per_seed} | {minutes} |")
   return "\n".join(lines)
 
 

@@ -42,15 +42,24 @@ def test_a_finished_run_is_read_not_rerun(tmp_path, monkeypatch):
     raise AssertionError("a finished run was fine-tuned again")
 
   monkeypatch.setattr(script.detection, "run", fail)
-  got, _ = script.run_one("pre", str(tmp_path), seed=0, steps=100)
+  got, seconds = script.run_one("pre", str(tmp_path), seed=0, steps=100)
   assert got == {"AP": 0.3, "AP50": 0.6, "AP75": 0.2}
-  # A run of another length is not the one asked for: it is (re)run.
+  assert seconds is None   # Run by nobody who recorded its time.
+  # A run of another length is not the one asked for: it is (re)run, and
+  # its time is recorded for the next reuse.
   ran = []
-  monkeypatch.setattr(script.detection, "run",
-                      lambda config, workdir: ran.append(
-                          config.total_steps) or figures)
-  script.run_one("pre", str(tmp_path), seed=0, steps=500)
-  assert ran == [500]
+
+  def run(config, workdir):
+    ran.append(config.total_steps)
+    return dict(figures, steps=config.total_steps)
+
+  monkeypatch.setattr(script.detection, "run", run)
+  _, seconds = script.run_one("pre", str(tmp_path), seed=0, steps=500)
+  assert ran == [500] and seconds >= 0
+  (tmp_path / "detection_results.json").write_text(
+      json.dumps(dict(figures, steps=500)))
+  monkeypatch.setattr(script.detection, "run", fail)
+  assert script.run_one("pre", str(tmp_path), seed=0, steps=500)[1] == seconds
 
 
 def test_run_all_adds_the_floor_from_the_first_backbone(tmp_path,
@@ -85,6 +94,11 @@ def test_table_and_ordering_in_percent():
   lines = script.table(results).splitlines()
   assert lines[2] == ("| DetCo | 100 | 32.0 ± 2.0 | 64.0 ± 4.0 | 16.0 ± 1.0 "
                       "| 30.0 / 34.0 | 2.0 |")
+  # Unknown times (reused runs without a record) are left out, or "-".
+  results["seconds"]["DetCo"]["100"] = [None, 120.0]
+  results["seconds"]["MoCo v2"]["100"] = [None, None]
+  lines = script.table(results).splitlines()
+  assert lines[2].endswith("| 2.0 |") and lines[3].endswith("| - |")
   ordering = script.ordering(results).splitlines()
   # 32 - 25 = 7 is not more than 2 + 5: the ranges overlap.
   assert ordering[0] == ("100 steps: DetCo - MoCo v2 = +7.0 AP (half-ranges "
