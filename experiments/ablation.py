@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
 from configs import dense_probe  # pylint: disable=g-import-not-at-top
-from configs import detection as detection_config  # pylint: disable=g-import-not-at-top
 from configs import detco  # pylint: disable=g-import-not-at-top
 from configs import linear_probe  # pylint: disable=g-import-not-at-top
 from detco_jax import pretrained as detco_pretrained  # pylint: disable=g-import-not-at-top
@@ -45,6 +44,7 @@ from detco_jax import train  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import dense  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import detection  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import linear  # pylint: disable=g-import-not-at-top
+from experiments import detection_transfer  # pylint: disable=g-import-not-at-top
 from experiments import tables  # pylint: disable=g-import-not-at-top
 
 STAGES = ("res2", "res3", "res4", "res5")
@@ -93,13 +93,9 @@ def dense_config(pretrained: str, seed: int, random_init: bool = False):
   return config
 
 
-def detection_transfer_config(pretrained: str, seed: int, steps: int,
-                              random_init: bool = False):
-  """The demo's detection transfer, `steps` steps long."""
-  config = detection_config.get_config(f"demo,steps={steps}")
-  config.pretrained, config.seed, config.random_init = (pretrained, seed,
-                                                        random_init)
-  return config
+# The demo's detection transfer, `steps` steps long: the same run as the
+# detection-transfer table's.
+detection_transfer_config = detection_transfer.transfer_config
 
 
 def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,

@@ -3,8 +3,9 @@ r"""Weighted kNN classification on frozen features: a cheap quality monitor.
 Each test example's res5 feature, centred on the training features' mean
 and L2-normalised, votes with its k nearest training features (cosine
 similarity s), neighbour i adding exp(s_i / tau) to its label's score (Wu
-et al. 2018, the monitor of InstDisc and MoCo ports; k = 200, tau = 0.07). Train features use the test transform (resize
-and centre crop), so the monitor needs no training at all.
+et al. 2018, the monitor of InstDisc and MoCo ports; k = 200, tau = 0.07).
+Train features use the test transform (resize and centre crop), so the
+monitor needs no training at all.
 
 On its own:
 
