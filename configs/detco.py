@@ -11,7 +11,7 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
 
   demo          the built-in offline dataset (`detco_shapes`, 64 px images,
                 32 px global views, 10 px patches) with a narrow ResNet-18,
-                the spec's lr, hue jitter over the whole circle, 8 epochs; about 25 minutes on a 2-core CPU, after which its
+                8 epochs; about 25 minutes on a 2-core CPU, after which its
                 linear probe beats the untrained network's (README.md has
                 the measured figures).
   tiny          a few-step smoke configuration for tests (32 px, ResNet-10
@@ -173,15 +173,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.batch_size = 64
   c.queue_size = 1024
   c.bn_groups = 2
-  # The spec's rate, 0.03 per 256 images (0.0075 at batch 64). The demo's
-  # earlier 0.5 (17x that) fed the "fresh key vs stale queue" shortcut in
-  # the first epochs, and did not learn shape faster (README, "Demo").
-  c.base_lr = 0.03
+  c.base_lr = 0.5
   c.warmup_epochs = 0.25
-  # Hue jitter over the whole colour circle: the built-in images' flat
-  # palette colours would otherwise tell instances apart by colour alone,
-  # where ImageNet's textures do not; shape then has to.
-  c.aug.hue = 0.5
   # A short run needs a key encoder that moves: 0.999 would keep it within
   # a third of the way from its initialisation after 400 steps.
   c.ema_momentum = 0.99

@@ -1,5 +1,6 @@
 """Tests of the built-in offline dataset `detco_shapes`, a real TFDS builder."""
 
+import colorsys
 import hashlib
 import pathlib
 import socket
@@ -191,56 +192,11 @@ def test_colour_does_not_predict_class():
   tied = palette[classes] + np.random.default_rng(1).normal(
       0, 20, colours.shape)
   assert _nearest_mean_accuracy(tied, classes) > 0.9
-  # And every class comes in most of the palette's colours.
+  # And every class comes in many hues (sextants of the hue circle).
   for c in range(scenes.NUM_CLASSES):
-    seen = set(_nearest_palette_colour(colours[classes == c]).tolist())
-    assert len(seen) >= len(scenes.OBJECT_PALETTE) - 2, (
-        builtin.CLASS_NAMES[c], seen)
-
-
-def _nearest_palette_colour(colours: np.ndarray) -> np.ndarray:
-  """Index of the nearest `OBJECT_PALETTE` colour of each RGB row."""
-  dist = ((colours[:, None, :] - scenes.OBJECT_PALETTE[None]) ** 2).sum(-1)
-  return np.argmin(dist, axis=1)
-
-
-def test_colours_come_from_shared_palettes():
-  # Objects are painted in palette colours: an object's mean colour is its
-  # palette colour up to the +-25% shading ramp's mean and pixel noise.
-  colours, _ = _object_colours(200)
-  nearest = scenes.OBJECT_PALETTE[_nearest_palette_colour(colours)]
-  assert np.median(np.abs(colours - nearest).max(axis=1)) < 12.0
-  # Every palette colour is used.
-  assert len(set(_nearest_palette_colour(colours).tolist())) == len(
-      scenes.OBJECT_PALETTE)
-  # Backgrounds too: away from objects, a pixel is a mix of two background
-  # palette colours, so it lies near the segment between some pair of them.
-  palette = scenes.BACKGROUND_PALETTE
-  for index in range(20):
-    ex = scenes.generate_example("train", index, SIZE)
-    pixels = ex["image"][ex["mask"][..., 0] == 0].astype(np.float64)
-    best = np.full(len(pixels), np.inf)
-    for i in range(len(palette)):
-      for j in range(len(palette)):
-        seg = palette[j] - palette[i]
-        t = np.clip((pixels - palette[i]) @ seg / max(seg @ seg, 1e-9), 0, 1)
-        d = np.abs(pixels - palette[i] - t[:, None] * seg).max(axis=1)
-        best = np.minimum(best, d)
-    # Pixel noise is uniform with amplitude up to 24 (|noise| <= 12).
-    assert np.percentile(best, 95) <= 13.0, index
-
-
-def test_images_share_backgrounds():
-  # A background is one of a few hundred (colour pair x pattern), so 200
-  # draws repeat some (birthday bound: ~40 repeated pairs); with patterns
-  # drawn from continuous parameters no two would be equal.
-  yy, xx = scenes._pixel_grid(SIZE)
-  digests = [
-      hashlib.sha256(scenes._background(np.random.default_rng(seed), yy,
-                                        xx).tobytes()).hexdigest()
-      for seed in range(200)]
-  assert len(set(digests)) < 190
-
+    hues = {int(colorsys.rgb_to_hsv(*(rgb / 255))[0] * 6) % 6
+            for rgb in colours[classes == c]}
+    assert len(hues) >= 5, (builtin.CLASS_NAMES[c], hues)
 
 
 def test_every_class_appears_and_labels_are_balanced(prepared):

@@ -1,19 +1,12 @@
 """The scene generator of `detco_shapes`: synthetic multi-object scenes.
 
 Each image shows 1 to 4 objects of different shape classes (`CLASS_NAMES`)
-with random colour, size, position and rotation, over a textured background
-(gradient, stripes or smooth value noise) with pixel noise: one large main
-object near the centre, drawn first, and up to 3 smaller distractors, which
-may occlude it. Colours are drawn independently of the shape, so colour does
-not predict the class; the main object's shape is the image's `label`.
-
-Colours and background patterns come from small shared palettes
-(`OBJECT_PALETTE`, `BACKGROUND_PALETTE`, a few pattern directions,
-frequencies and noise lattices), so many images share their colours and
-background: what tells one image from another, as instance discrimination
-must, is mostly its shapes and their layout. With every colour and pattern
-drawn afresh per image (version 2.0.0), an image's colours identified it
-among thousands, and contrastive pretraining learned colour, not shape.
+with random colour, size, position and rotation, over a random textured
+background (gradient, stripes or smooth value noise) with pixel noise: one
+large main object near the centre, drawn first, and up to 3 smaller
+distractors, which may occlude it. Colours are drawn independently of the
+shape, so colour does not predict the class; the main object's shape is the
+image's `label`.
 
 `generate_example` returns one example as numpy arrays, with the features of
 the TFDS dataset (listed in `builtin`, which stores image and mask as PNG).
@@ -35,6 +28,7 @@ Images and masks are rasterised without anti-aliasing, so `mask` is exactly
 the set of pixels painted with each object's colour (before pixel noise).
 """
 
+import colorsys
 import functools
 from typing import Any, Callable
 
@@ -51,7 +45,7 @@ _SPLIT_IDS = {"train": 0, "test": 1}
 
 # Part of every example's seed: change it together with
 # `builtin.DetcoShapes.VERSION` whenever the generator's output changes.
-_GENERATOR_SEED = 3
+_GENERATOR_SEED = 2
 
 # Object size: the radius, as a fraction of the image side, of the disc with the
 # same area as the object (areas are equalised across shapes, so that no shape
@@ -75,28 +69,6 @@ _COLOUR_TRIES = 8
 MIN_IMAGE_SIZE = 16
 # Every unit shape lies within this radius (the square's corners, at 1.13).
 _EXTENT = 1.2
-
-# The shared palettes (RGB, 0..255). Objects are saturated hues around the
-# colour circle (every class comes in every hue); backgrounds are duller
-# colours, so an object stands out from most of them.
-OBJECT_PALETTE = np.array([
-    (225, 45, 45), (240, 150, 30), (225, 215, 50), (50, 185, 70),
-    (45, 190, 210), (55, 80, 225), (185, 60, 205), (235, 235, 235),
-], np.float64)
-BACKGROUND_PALETTE = np.array([
-    (40, 40, 48), (120, 120, 120), (150, 120, 80), (60, 90, 120),
-    (90, 120, 70), (200, 190, 170),
-], np.float64)
-# Pattern directions: the four axes and diagonals (a flip of one is another).
-_DIRECTIONS = np.array([(1.0, 0.0), (0.0, 1.0), (0.5**0.5, 0.5**0.5),
-                        (0.5**0.5, -(0.5**0.5))])
-_STRIPE_FREQUENCIES = (3.0, 6.0)
-_STRIPE_SHARPNESS = 2.0
-# Value-noise backgrounds pick one of a few fixed lattices (made once, from
-# their own seed) instead of a fresh random one per image.
-_NOISE_CELLS = 4
-_NOISE_LATTICES = np.random.default_rng(1234).uniform(
-    size=(4, _NOISE_CELLS + 1, _NOISE_CELLS + 1))
 
 _Shape = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -225,10 +197,18 @@ def _unit_vector(rng: np.random.Generator) -> np.ndarray:
   return d / max(float(np.sqrt(d @ d)), 1e-12)
 
 
-def _value_noise(lattice: np.ndarray, yy: np.ndarray,
+def _random_colour(rng: np.random.Generator, sat: tuple[float, float],
+                   val: tuple[float, float]) -> np.ndarray:
+  """An RGB colour in [0, 255] with uniform hue."""
+  h, s, v = rng.uniform(), rng.uniform(*sat), rng.uniform(*val)
+  return 255.0 * np.array(colorsys.hsv_to_rgb(h, s, v))
+
+
+def _value_noise(rng: np.random.Generator, yy: np.ndarray,
                  xx: np.ndarray) -> np.ndarray:
-  """Smooth noise in [0, 1]: `lattice` [c+1, c+1], bilinearly interpolated."""
-  cells = lattice.shape[0] - 1
+  """Smooth noise in [0, 1]: a random lattice, bilinearly interpolated."""
+  cells = int(rng.integers(2, 8))
+  lattice = rng.uniform(size=(cells + 1, cells + 1))
 
   def weights(t):
     t = t.ravel() * cells
@@ -243,25 +223,20 @@ def _value_noise(lattice: np.ndarray, yy: np.ndarray,
 
 def _background(rng: np.random.Generator, yy: np.ndarray,
                 xx: np.ndarray) -> np.ndarray:
-  """A float32 [S, S, 3] background: two palette colours mixed by a pattern.
-
-  The pattern is a gradient or stripes along one of `_DIRECTIONS`, or one of
-  `_NOISE_LATTICES`: a few dozen backgrounds in all, each shared by many
-  images.
-  """
-  c0, c1 = BACKGROUND_PALETTE[rng.choice(len(BACKGROUND_PALETTE), 2,
-                                         replace=False)]
+  """A float32 [S, S, 3] background mixing two random colours by a pattern."""
+  c0 = _random_colour(rng, (0.0, 0.8), (0.15, 0.95))
+  c1 = _random_colour(rng, (0.0, 0.8), (0.15, 0.95))
   kind = rng.integers(3)
-  d = _DIRECTIONS[rng.integers(len(_DIRECTIONS))]
-  if kind == 0:  # Linear gradient.
+  if kind == 0:  # Linear gradient in a random direction.
+    d = _unit_vector(rng)
     t = ((yy - 0.5) * d[0] + (xx - 0.5) * d[1]) / np.sqrt(2) + 0.5
-  elif kind == 1:  # Stripes: a triangle wave, sharpened.
-    freq = _STRIPE_FREQUENCIES[rng.integers(len(_STRIPE_FREQUENCIES))]
-    t = np.abs(((yy * d[0] + xx * d[1]) * freq) % 1.0 * 2 - 1)
-    t = np.clip((t - 0.5) * _STRIPE_SHARPNESS + 0.5, 0, 1)
+  elif kind == 1:  # Stripes: a triangle wave of random frequency, sharpened.
+    d = _unit_vector(rng)
+    freq, phase, sharp = rng.uniform(2, 10), rng.uniform(), rng.uniform(1, 4)
+    t = np.abs(((yy * d[0] + xx * d[1]) * freq + phase) % 1.0 * 2 - 1)
+    t = np.clip((t - 0.5) * sharp + 0.5, 0, 1)
   else:
-    t = _value_noise(_NOISE_LATTICES[rng.integers(len(_NOISE_LATTICES))],
-                     yy, xx)
+    t = _value_noise(rng, yy, xx)
   # float32 from here on: the image is rounded to uint8 anyway.
   t = np.broadcast_to(t, (yy.shape[0], xx.shape[1]))[..., None]
   t = t.astype(np.float32)
@@ -308,9 +283,9 @@ def _sample_object(
 
 
 def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
-  """A palette colour that stands out from `under` (its mean, [3])."""
+  """A random colour that stands out from `under` (its mean, [3])."""
   for _ in range(_COLOUR_TRIES):
-    colour = OBJECT_PALETTE[rng.integers(len(OBJECT_PALETTE))]
+    colour = _random_colour(rng, (0.3, 1.0), (0.3, 1.0))
     if np.sqrt(np.sum((colour - under) ** 2)) >= _MIN_CONTRAST:
       break
   return colour
