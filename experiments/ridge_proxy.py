@@ -25,8 +25,6 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -34,6 +32,7 @@ from configs import common  # pylint: disable=g-import-not-at-top
 from configs import linear_probe  # pylint: disable=g-import-not-at-top
 from detco_jax import sharding  # pylint: disable=g-import-not-at-top
 from detco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from detco_jax.data import sources  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import features  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import probe  # pylint: disable=g-import-not-at-top
 
@@ -110,37 +109,6 @@ def probe_config(workdir: str, random_init: bool, step: int | None,
   return c
 
 
-def pooled_features(config: ml_collections.ConfigDict, backbone, split: str,
-                    num_examples: int) -> tuple[dict[str, np.ndarray],
-                                                np.ndarray]:
-  """Pooled stage features and labels of the first examples of a split.
-
-  Args:
-    config: a probe config.
-    backbone: the frozen backbone.
-    split: which split (test transform: resize and centre crop).
-    num_examples: at most this many (padding rows are dropped).
-
-  Returns:
-    ({stage: float32 [n, C]}, int [n] labels).
-  """
-  fn = jax.jit(lambda v, x: features.pooled(features.stage_maps(backbone, v,
-                                                                x)))
-  batches = pipeline.make_eval_iterator(config, split, train=False,
-                                        batch_size=config.batch_size)
-  feats, labels, seen = {}, [], 0
-  for batch in batches:
-    real = np.asarray(batch["mask"]).astype(bool)
-    for stage, x in fn(backbone.variables, jnp.asarray(batch["image"])).items():
-      feats.setdefault(stage, []).append(np.asarray(x)[real])
-    labels.append(np.asarray(batch["label"])[real])
-    seen += int(real.sum())
-    if seen >= num_examples:
-      break
-  return ({s: np.concatenate(v)[:num_examples] for s, v in feats.items()},
-          np.concatenate(labels)[:num_examples])
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True,
@@ -161,10 +129,15 @@ def main() -> None:
   mesh = sharding.make_mesh()
   backbone = probe.backbone_for(config, mesh,
                                 lambda: probe.train_images(config))
-  train = pooled_features(config, backbone, config.data.train_split,
-                          args.train_examples)
-  test = pooled_features(config, backbone, config.data.eval_split, 10 ** 9)
-  num_classes = int(max(train[1].max(), test[1].max())) + 1
+  def split(name, max_examples):
+    batches = pipeline.make_eval_iterator(config, name, train=False,
+                                          batch_size=config.batch_size)
+    return features.extract_pooled(backbone, batches, mesh, common.STAGES,
+                                   max_examples)
+
+  train = split(config.data.train_split, args.train_examples)
+  test = split(config.data.eval_split, 10 ** 9)
+  num_classes = sources.num_classes(config.data)
   cells = []
   for stage in common.STAGES:
     accuracy, _ = ridge_accuracy(train[0][stage], train[1], test[0][stage],

@@ -4,12 +4,15 @@ The probes see the backbone as the pretraining run left it: evaluation-mode
 BN (running statistics), the pretraining run's normalisation, no gradient.
 """
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
+from detco_jax import sharding
 from detco_jax.data import augment
 from detco_jax.pretrained import Backbone
 
@@ -52,6 +55,47 @@ def stage_maps(backbone: Backbone, variables: Any, images: Array,
 def pooled(maps: dict[str, Array]) -> dict[str, Array]:
   """Global average pooling of each stage map: [B, h, w, C] -> [B, C]."""
   return {s: m.mean(axis=(1, 2)) for s, m in maps.items()}
+
+
+def extract_pooled(backbone: Backbone, batches: Iterable[dict[str, Any]],
+                   mesh: Mesh, stages: Sequence[str], max_examples: int
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Pooled stage features and labels of up to `max_examples` images.
+
+  Args:
+    backbone: the frozen backbone.
+    batches: this process's padded test-transform batches ("image",
+      "label", "mask").
+    mesh: the device mesh.
+    stages: which stages' pooled maps.
+    max_examples: stop after this many real examples (all processes).
+
+  Returns:
+    ({stage: float32 [n, C]}, int32 [n] labels) of the real examples, the
+    same on every process.
+  """
+  stages = tuple(stages)
+
+  @jax.jit
+  def embed(variables, images):
+    return pooled(stage_maps(backbone, variables, images, stages))
+
+  feats, labels, seen = {s: [] for s in stages}, [], 0
+  for batch in batches:
+    out = embed(backbone.variables,
+                sharding.host_to_global(batch["image"], mesh))
+    # All processes need all rows: gather the global arrays to every host.
+    out, label, mask = (multihost_utils.process_allgather(x, tiled=True)
+                        for x in (out, batch["label"], batch["mask"]))
+    keep = np.asarray(mask) > 0
+    for s in stages:
+      feats[s].append(np.asarray(out[s])[keep])
+    labels.append(np.asarray(label)[keep])
+    seen += int(keep.sum())
+    if seen >= max_examples:
+      break
+  return ({s: np.concatenate(v)[:max_examples] for s, v in feats.items()},
+          np.concatenate(labels)[:max_examples].astype(np.int32))
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:

@@ -19,14 +19,12 @@ backbone every that many steps (see `detco_jax.train`).
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from detco_jax import pretrained
@@ -110,45 +108,6 @@ def centre_and_normalize(train_features: jax.Array, test_features: jax.Array
           features.l2_normalize(test_features - mean))
 
 
-def extract(backbone: pretrained.Backbone, batches: Iterable[dict[str, Any]],
-            mesh: Mesh, stage: str, max_examples: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-  """Pooled features and labels of up to `max_examples` images.
-
-  Args:
-    backbone: the frozen backbone.
-    batches: this process's padded test-transform batches ("image",
-      "label", "mask").
-    mesh: the device mesh.
-    stage: which stage's pooled map.
-    max_examples: stop after this many real examples (all processes).
-
-  Returns:
-    (features [n, C] float32, labels [n] int32) of the real examples, the
-    same on every process.
-  """
-  @jax.jit
-  def embed(variables, images):
-    maps = features.stage_maps(backbone, variables, images, (stage,))
-    return features.pooled(maps)[stage]
-
-  feats, labels, seen = [], [], 0
-  for batch in batches:
-    images = sharding.host_to_global(batch["image"], mesh)
-    out = embed(backbone.variables, images)
-    # All processes need all rows: gather the global arrays to every host.
-    out, label, mask = (multihost_utils.process_allgather(x, tiled=True)
-                        for x in (out, batch["label"], batch["mask"]))
-    keep = np.asarray(mask) > 0
-    feats.append(np.asarray(out)[keep])
-    labels.append(np.asarray(label)[keep])
-    seen += int(keep.sum())
-    if seen >= max_examples:
-      break
-  return (np.concatenate(feats)[:max_examples],
-          np.concatenate(labels)[:max_examples].astype(np.int32))
-
-
 def evaluate(backbone: pretrained.Backbone, config: ml_collections.ConfigDict,
              mesh: Mesh | None = None) -> dict[str, float]:
   """kNN top-1 of a backbone on `config.data` (train subset vs test subset).
@@ -169,10 +128,13 @@ def evaluate(backbone: pretrained.Backbone, config: ml_collections.ConfigDict,
   def batches(split):
     return pipeline.make_eval_iterator(config, split, train=False,
                                        batch_size=knn.batch_size)
-  train_x, train_y = extract(backbone, batches(config.data.train_split), mesh,
-                             knn.stage, knn.train_examples)
-  test_x, test_y = extract(backbone, batches(config.data.eval_split), mesh,
-                           knn.stage, knn.test_examples)
+  train_x, train_y = features.extract_pooled(
+      backbone, batches(config.data.train_split), mesh, (knn.stage,),
+      knn.train_examples)
+  test_x, test_y = features.extract_pooled(
+      backbone, batches(config.data.eval_split), mesh, (knn.stage,),
+      knn.test_examples)
+  train_x, test_x = train_x[knn.stage], test_x[knn.stage]
   num_classes = sources.num_classes(config.data)
   train_x, test_x = centre_and_normalize(jnp.asarray(train_x),
                                          jnp.asarray(test_x))
