@@ -74,7 +74,38 @@ def build_model(config: ml_collections.ConfigDict) -> detco_lib.DetCoEncoder:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
-  """Stops a bad run at start with a message naming the key and the fix.
+  """Stops a bad DetCo run at start with a message naming the key and fix.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices in the mesh (all processes).
+    process_count: JAX processes.
+
+  Raises:
+    ValueError: on the first inconsistent value.
+  """
+  validate_backbone(config, num_devices, process_count)
+  checks = [
+      (config.bn in ("shuffle", "sync"),
+       f"bn={config.bn!r} must be 'shuffle' or 'sync'."),
+      (config.bn_stats in ("views", "views_and_patches"),
+       f"bn_stats={config.bn_stats!r} must be 'views' or "
+       "'views_and_patches'."),
+      (config.views.patch_size <= config.views.local_size // config.views.grid,
+       f"views.patch_size={config.views.patch_size} exceeds its grid cell "
+       f"(views.local_size // views.grid = "
+       f"{config.views.local_size // config.views.grid}); lower "
+       f"views.patch_size or raise views.local_size."),
+      (set(config.loss.stage_weights) <= set(resnet.STAGES),
+       f"loss.stage_weights keys must be among {resnet.STAGES}."),
+  ]
+  _raise_first(checks)
+  momentum.check_queue_size(config.queue_size, config.batch_size)
+
+
+def validate_backbone(config: ml_collections.ConfigDict, num_devices: int,
+                      process_count: int = 1) -> None:
+  """The checks every pretraining method shares: batch, BN groups, ResNet.
 
   Args:
     config: the experiment config.
@@ -85,25 +116,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     ValueError: on the first inconsistent value.
   """
   b = config.batch_size
-  checks = [
+  _raise_first([
       (b > 0 and b % num_devices == 0,
        f"batch_size={b} must be a positive multiple of the {num_devices} "
        f"devices; e.g. --config.batch_size={_round_up(b, num_devices)}."),
       (b % process_count == 0,
        f"batch_size={b} must divide over the {process_count} processes."),
-      (config.bn in ("shuffle", "sync"),
-       f"bn={config.bn!r} must be 'shuffle' or 'sync'."),
-      (config.bn_stats in ("views", "views_and_patches"),
-       f"bn_stats={config.bn_stats!r} must be 'views' or "
-       "'views_and_patches'."),
       (b % bn_groups(config) == 0,
        f"batch_size={b} must be a multiple of bn_groups={config.bn_groups}; "
        f"set --config.bn_groups to a divisor of {b}."),
-      (config.views.patch_size <= config.views.local_size // config.views.grid,
-       f"views.patch_size={config.views.patch_size} exceeds its grid cell "
-       f"(views.local_size // views.grid = "
-       f"{config.views.local_size // config.views.grid}); lower "
-       f"views.patch_size or raise views.local_size."),
       (config.model.depth in resnet.ARCHS,
        f"model.depth={config.model.depth} must be one of "
        f"{sorted(resnet.ARCHS)}."),
@@ -111,13 +132,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
        f"model.stem={config.model.stem!r} must be 'imagenet' or 'cifar'."),
       (config.model.dtype in DTYPES,
        f"model.dtype={config.model.dtype!r} must be one of {sorted(DTYPES)}."),
-      (set(config.loss.stage_weights) <= set(resnet.STAGES),
-       f"loss.stage_weights keys must be among {resnet.STAGES}."),
-  ]
+  ])
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+  """Raises `ValueError("Bad config: ...")` for the first failed check."""
   for ok, message in checks:
     if not ok:
       raise ValueError(f"Bad config: {message}")
-  momentum.check_queue_size(config.queue_size, b)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -5,7 +5,7 @@ first axis; the negative queues are split along K. This module is the only
 place where host data becomes device data.
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -60,6 +60,27 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
       return batch_sharded(mesh)
     return replicated(mesh)
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def jit_train_step(fn: Callable, mesh: Mesh, state_shardings: Any
+                   ) -> Callable:
+  """`fn(state, batch, rng) -> (state, metrics)`, jitted for training.
+
+  The state keeps its shardings and is donated; the batch is split over
+  `data`; the rng and the metrics are replicated.
+
+  Args:
+    fn: the un-jitted step.
+    mesh: the mesh.
+    state_shardings: the state's pytree of shardings.
+
+  Returns:
+    The jitted step.
+  """
+  return jax.jit(
+      fn, in_shardings=(state_shardings, batch_sharded(mesh),
+                        replicated(mesh)),
+      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
 
 def host_to_global(batch: Any, mesh: Mesh) -> Any:

@@ -383,12 +383,7 @@ def make_train_step(config: ml_collections.ConfigDict,
   fn = functools.partial(train_step, config=config, model=model, tx=tx,
                          schedule=schedule,
                          batch_sharding=sharding.batch_sharded(mesh))
-  return jax.jit(
-      fn,
-      in_shardings=(state_shardings, sharding.batch_sharded(mesh),
-                    sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  return sharding.jit_train_step(fn, mesh, state_shardings)
 
 
 def check_finite(loss: float, step: int) -> None:

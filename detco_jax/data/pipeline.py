@@ -5,7 +5,8 @@ global batch, b = global batch // process count):
 
   * `make_pretrain_iterator`: infinite DetCo batches
     {"global": uint8 [b, 2, H, W, 3], "local": uint8 [b, 2, 9, h, w, 3]}
-    ("local" only when `config.loss.global_local`);
+    ("local" only when `config.loss.global_local`), or another method's
+    (`example_views`: a pretext task's {"inputs", "label"});
   * `make_eval_iterator(train=True)`: infinite linear-probe training batches
     {"image": uint8 [b, S, S, 3], "label": int32 [b]};
   * `make_eval_iterator(train=False)`: one pass over this process's shard of
@@ -40,7 +41,7 @@ are dropped (never duplicated) and the padding grows to match.
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -264,15 +265,37 @@ def _open_train_source(config: Any, split: str, process_index: int,
   return source
 
 
+# A method's host views: `(image uint8 [H, W, 3], seed int64 [2]) -> dict`
+# of fixed-shape tensors (tf graph code, one example).
+ExampleViews = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+
+
+def detco_example_views(config: Any) -> ExampleViews:
+  """DetCo's host views of one example (`views.detco_views`).
+
+  Args:
+    config: the experiment config (`views`; `loss.global_local`: without
+      it, MoCo v2's global views alone).
+
+  Returns:
+    `(image, seed) -> {"global": [2, G, G, 3], "local": [2, 9, p, p, 3]}`.
+  """
+  spec = views_lib.ViewSpec.from_config(config.views)
+  with_local = bool((config.get("loss") or {}).get("global_local", True))
+  return lambda image, seed: views_lib.detco_views(image, seed, spec,
+                                                   with_local)
+
+
 def _pretrain(config: Any, process_index: int, process_count: int,
-              start_step: int) -> tuple[tf.data.Dataset, sources.Source]:
+              start_step: int, example_views: ExampleViews | None = None
+              ) -> tuple[tf.data.Dataset, sources.Source]:
   """The pretraining dataset and its source; see `make_pretrain_iterator`."""
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   batch = per_process_batch(config.batch_size, process_count,
                             "config.batch_size")
-  spec = views_lib.ViewSpec.from_config(config.views)
-  with_local = bool((config.get("loss") or {}).get("global_local", True))
+  if example_views is None:
+    example_views = detco_example_views(config)
   source = _open_train_source(config, config.data.train_split, process_index,
                               process_count)
   stream = slot_stream(
@@ -282,7 +305,7 @@ def _pretrain(config: Any, process_index: int, process_count: int,
 
   def make_views(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     seed = view_seed(view_key, example["position"])
-    out = views_lib.detco_views(example["image"], seed, spec, with_local)
+    out = dict(example_views(example["image"], seed))
     out[CORRUPT] = example[CORRUPT]
     return out
 
@@ -292,7 +315,9 @@ def _pretrain(config: Any, process_index: int, process_count: int,
 
 def make_pretrain_dataset(config: Any, *, process_index: Optional[int] = None,
                           process_count: Optional[int] = None,
-                          start_step: int = 0) -> tf.data.Dataset:
+                          start_step: int = 0,
+                          example_views: ExampleViews | None = None
+                          ) -> tf.data.Dataset:
   """The DetCo pretraining stream as a `tf.data.Dataset`.
 
   Same batches as `make_pretrain_iterator`, as TF tensors, and still
@@ -303,20 +328,24 @@ def make_pretrain_dataset(config: Any, *, process_index: Optional[int] = None,
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
     start_step: first step of the stream (resume).
+    example_views: the method's views of one example; None: DetCo's.
 
   Returns:
     The batched, prefetched dataset.
   """
   process_index, process_count = sources.resolve_processes(
       process_index, process_count)
-  return _pretrain(config, process_index, process_count, start_step)[0]
+  return _pretrain(config, process_index, process_count, start_step,
+                   example_views)[0]
 
 
 def make_pretrain_iterator(config: Any, *,
                            process_index: Optional[int] = None,
                            process_count: Optional[int] = None,
-                           start_step: int = 0) -> InputIterator:
-  """The DetCo pretraining batches of this process: infinite, resumable.
+                           start_step: int = 0,
+                           example_views: ExampleViews | None = None
+                           ) -> InputIterator:
+  """The pretraining batches of this process: infinite, resumable.
 
   Args:
     config: the experiment config (data, views, loss, batch_size, seed).
@@ -324,11 +353,14 @@ def make_pretrain_iterator(config: Any, *,
     process_count: number of processes; defaults to `jax.process_count()`.
     start_step: first step; the stream equals an uninterrupted run's from
       this step on.
+    example_views: the method's views of one example (its keys and shapes
+      are the batch's, with a leading b); None: DetCo's.
 
   Returns:
     An `InputIterator` of {"global": uint8 [b, 2, H, W, 3], "local": uint8
     [b, 2, grid^2, p, p, 3]} (no "local" when `config.loss.global_local` is
-    False), b = config.batch_size // process_count.
+    False), b = config.batch_size // process_count; or the batches of
+    `example_views`.
 
   Raises:
     ValueError: bad batch size or views config.
@@ -336,7 +368,8 @@ def make_pretrain_iterator(config: Any, *,
   """
   process_index, process_count = sources.resolve_processes(
       process_index, process_count)
-  ds, source = _pretrain(config, process_index, process_count, start_step)
+  ds, source = _pretrain(config, process_index, process_count, start_step,
+                         example_views)
   return InputIterator(ds, batch_size=config.batch_size // process_count,
                        num_examples=source.num_examples)
 

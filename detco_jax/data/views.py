@@ -300,8 +300,67 @@ def global_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
   ])
 
 
+def boxes_in_crop(crops: tf.Tensor, flips: tf.Tensor, rows: tf.Tensor,
+                  cols: tf.Tensor, patch: int, side: int,
+                  image_shape: tf.Tensor) -> tf.Tensor:
+  """Source-image boxes of square patches of a virtual resized crop.
+
+  The crop `crops[i]` of the source image, resized (align corners) to
+  `side`^2 and mirrored when `flips[i]`, is never materialised: each patch
+  whose first pixel is (row, col) of that virtual image becomes the source
+  box whose bilinear resample gives exactly the patch's pixels.
+
+  Args:
+    crops: float32 [S, 4] crops (top, left, height, width) in pixels.
+    flips: bool [S], mirror the resized crop horizontally.
+    rows: float32 [S, K], first row of each patch in the virtual image.
+    cols: float32 [S, K], first column of each patch in the virtual
+      (flipped) image.
+    patch: patch side in pixels.
+    side: side of the virtual resized crop.
+    image_shape: (height, width, ...) of the image.
+
+  Returns:
+    float32 [S, K, 4] normalised boxes, for `crop_and_resize`.
+  """
+  flip = flips[:, None]
+  # Undo the flip: column c of the flipped image is column side-1-c.
+  first_col = tf.where(flip, side - 1 - cols, cols)
+  last_col = tf.where(flip, first_col - (patch - 1), first_col + (patch - 1))
+  # Resized pixel i samples source position top + i * (h - 1) / (side - 1).
+  top, left = crops[:, 0:1], crops[:, 1:2]
+  step_y = (crops[:, 2:3] - 1.0) / max(side - 1, 1)
+  step_x = (crops[:, 3:4] - 1.0) / max(side - 1, 1)
+  y1 = top + rows * step_y
+  y2 = top + (rows + patch - 1) * step_y
+  x1 = left + first_col * step_x
+  x2 = left + last_col * step_x
+  return _pixel_boxes(y1, x1, y2, x2, image_shape)
+
+
+def local_crops(seed: tf.Tensor, image_shape: tf.Tensor, spec: ViewSpec,
+                num_sets: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """The crops and flips that patch sets are cut from (jigsaw, pretexts).
+
+  Args:
+    seed: [2] int stateless seed of this example's patch sets.
+    image_shape: (height, width, ...) of the image.
+    spec: view geometry (`local_min_area`, `local_ratio`, `flip_prob`).
+    num_sets: number of independent crops.
+
+  Returns:
+    (crops, flips): float32 [num_sets, 4] (top, left, height, width) and
+    bool [num_sets].
+  """
+  crops = tf.cast(
+      sample_crops(_sub_seed(seed, _CROP_SEED), image_shape, num_sets,
+                   (spec.local_min_area, 1.0), spec.local_ratio), tf.float32)
+  return crops, _flips(_sub_seed(seed, _FLIP_SEED), num_sets, spec.flip_prob)
+
+
 def jigsaw_boxes(seed: tf.Tensor, image_shape: tf.Tensor, spec: ViewSpec,
-                 num_sets: int = 2) -> tf.Tensor:
+                 num_sets: int = 2, perm: tf.Tensor | None = None
+                 ) -> tf.Tensor:
   """Source-image boxes of the jigsaw patches, in shuffled (output) order.
 
   Patch k of a set shows grid cell `perm[k]` of the (flipped) jigsaw crop
@@ -314,42 +373,48 @@ def jigsaw_boxes(seed: tf.Tensor, image_shape: tf.Tensor, spec: ViewSpec,
     image_shape: (height, width, ...) of the image.
     spec: view geometry.
     num_sets: number of independent patch sets (2: P_q and P_k).
+    perm: int32 [num_sets, grid^2], the cell each output patch shows; None:
+      a random permutation per set (DetCo's).
 
   Returns:
     float32 [num_sets, grid^2, 4] normalised boxes.
   """
-  crops = tf.cast(
-      sample_crops(_sub_seed(seed, _CROP_SEED), image_shape, num_sets,
-                   (spec.local_min_area, 1.0), spec.local_ratio), tf.float32)
-  flips = _flips(_sub_seed(seed, _FLIP_SEED), num_sets, spec.flip_prob)
+  crops, flips = local_crops(seed, image_shape, spec, num_sets)
   g, cell, patch = spec.grid, spec.cell_size, spec.patch_size
-  side = spec.local_size
-  # A different random permutation of the cells for each set.
-  perm = tf.argsort(tf.random.stateless_uniform(
-      [num_sets, g * g], _sub_seed(seed, _PERM_SEED)), axis=1)
+  if perm is None:
+    # A different random permutation of the cells for each set.
+    perm = tf.argsort(tf.random.stateless_uniform(
+        [num_sets, g * g], _sub_seed(seed, _PERM_SEED)), axis=1)
   # Offsets of the patch inside its cell, uniform in [0, cell - patch].
   offsets = tf.floor((cell - patch + 1) * tf.random.stateless_uniform(
       [num_sets, g * g, 2], _sub_seed(seed, _OFFSET_SEED)))
   # First pixel (row, column) of each patch in the resized, flipped crop.
   row = tf.cast(perm // g * cell, tf.float32) + offsets[..., 0]
   col = tf.cast(perm % g * cell, tf.float32) + offsets[..., 1]
-  flip = flips[:, None]
-  # Undo the flip: column c of the flipped image is column side-1-c.
-  first_col = tf.where(flip, side - 1 - col, col)
-  last_col = tf.where(flip, first_col - (patch - 1), first_col + (patch - 1))
-  # Resized pixel i samples source position top + i * (h - 1) / (side - 1).
-  top, left = crops[:, 0:1], crops[:, 1:2]
-  step_y = (crops[:, 2:3] - 1.0) / max(side - 1, 1)
-  step_x = (crops[:, 3:4] - 1.0) / max(side - 1, 1)
-  y1 = top + row * step_y
-  y2 = top + (row + patch - 1) * step_y
-  x1 = left + first_col * step_x
-  x2 = left + last_col * step_x
-  return _pixel_boxes(y1, x1, y2, x2, image_shape)
+  return boxes_in_crop(crops, flips, row, col, patch, spec.local_size,
+                       image_shape)
+
+
+def resample_patches(image: tf.Tensor, boxes: tf.Tensor,
+                     size: int) -> tf.Tensor:
+  """Bilinear RGB patches of `image` at `boxes`.
+
+  Args:
+    image: uint8 [H, W, 3].
+    boxes: float32 [S, K, 4] normalised boxes (static S and K).
+    size: patch side.
+
+  Returns:
+    uint8 [S, K, size, size, 3].
+  """
+  num_sets, k = boxes.shape[0], boxes.shape[1]
+  patches = _resample(image, tf.reshape(boxes, [num_sets * k, 4]), size)
+  return tf.reshape(patches, [num_sets, k, size, size, 3])
 
 
 def jigsaw_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
-                 num_sets: int = 2) -> tf.Tensor:
+                 num_sets: int = 2, perm: tf.Tensor | None = None
+                 ) -> tf.Tensor:
   """The jigsaw patch sets.
 
   Args:
@@ -357,17 +422,14 @@ def jigsaw_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
     seed: [2] int stateless seed of this example's jigsaw sets.
     spec: view geometry.
     num_sets: number of independent patch sets (2: P_q and P_k).
+    perm: as for `jigsaw_boxes`; None: random.
 
   Returns:
     uint8 [num_sets, grid^2, patch_size, patch_size, 3], patches in shuffled
     order.
   """
-  boxes = jigsaw_boxes(seed, tf.shape(image), spec, num_sets)
-  n = spec.num_patches
-  patches = _resample(image, tf.reshape(boxes, [num_sets * n, 4]),
-                      spec.patch_size)
-  return tf.reshape(patches,
-                    [num_sets, n, spec.patch_size, spec.patch_size, 3])
+  boxes = jigsaw_boxes(seed, tf.shape(image), spec, num_sets, perm)
+  return resample_patches(image, boxes, spec.patch_size)
 
 
 def detco_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
