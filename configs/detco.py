@@ -24,6 +24,17 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
   global_only   the paper's ablation "global-local off": g<->g only.
   mocov2        the MoCo v2 baseline (Res5, g<->g); see configs/mocov2.py.
 
+The classic pretext tasks, as methods beside DetCo (`method`; same backbone,
+data, augmentation, loop and probes; detco_jax/methods/). Put them after a
+scale variant, e.g. `--config=configs/detco.py:demo,rotation`:
+
+  rotation      predict 0/90/180/270 degrees (Gidaris et al. 2018), every
+                angle of each image (`pretext.angles="random"`: one).
+  jigsaw_perm   classify which of 100 maximal-Hamming permutations shuffled
+                the 3 x 3 tiles (Noroozi & Favaro 2016).
+  rel_patch     which of 8 neighbours a second patch is, with a gap and
+                jitter between cells (Doersch et al. 2015).
+
 Arguments, typed `name=value` items in the same list (configs/common.py):
 
   epochs=N      train N epochs (`num_epochs`), e.g.
@@ -44,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   """The paper's setting: ImageNet, ResNet-50, batch 256, 200 epochs."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "detco", or a classic pretext task (the variants of the same names).
+  c.method = "detco"
 
   # ---- Data (host side): configs/common.py's block.
   c.data = common.data()
@@ -238,6 +251,33 @@ def _mocov2(c: ml_collections.ConfigDict) -> None:
   _global_only(c)
 
 
+def _pretext(c: ml_collections.ConfigDict, method: str,
+             **settings) -> None:
+  """Switches to a pretext method with its `pretext` block.
+
+  The heads' widths default (None) to the scale of the res5 global head:
+  see each task's module in detco_jax/methods/.
+  """
+  c.method = method
+  c.pretext = ml_collections.ConfigDict(dict(
+      tile_hidden=common.placeholder(int), hidden=common.placeholder(int),
+      **settings))
+
+
+def _rotation(c: ml_collections.ConfigDict) -> None:
+  _pretext(c, "rotation", angles="all")
+
+
+def _jigsaw_perm(c: ml_collections.ConfigDict) -> None:
+  _pretext(c, "jigsaw_perm", num_permutations=100, permutation_seed=0)
+
+
+def _rel_patch(c: ml_collections.ConfigDict) -> None:
+  # None: the paper's proportions of views.patch_size (rel_patch.geometry).
+  _pretext(c, "rel_patch", patch_size=common.placeholder(int),
+           gap=common.placeholder(int), jitter=common.placeholder(int))
+
+
 VARIANTS = {
     "demo": _demo,
     "tiny": _tiny,
@@ -247,6 +287,9 @@ VARIANTS = {
     "single_level": _single_level,
     "global_only": _global_only,
     "mocov2": _mocov2,
+    "rotation": _rotation,
+    "jigsaw_perm": _jigsaw_perm,
+    "rel_patch": _rel_patch,
 }
 
 

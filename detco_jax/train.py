@@ -1,6 +1,9 @@
 """Pretraining as a job: state, data and the jitted step, for the loop.
 
-`run(config, workdir)` runs (or resumes) a DetCo pretraining run through the
+The method (`config.method`: DetCo by default, or a classic pretext task;
+`detco_jax.methods`) supplies the host views, the state and the step; this
+module hands them to the loop and never branches on the method.
+`run(config, workdir)` runs (or resumes) a pretraining run through the
 shared job loop (`detco_jax.loop`): a workdir that already holds a
 checkpoint resumes from its latest step, data stream included; SIGTERM saves
 a checkpoint and returns; a NaN loss stops the run before anything after it
@@ -11,24 +14,18 @@ import functools
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import metric_writers
 from etils import epath
 
 from detco_jax import config_lib
 from detco_jax import loop
+from detco_jax import methods
 from detco_jax import pretrained
 from detco_jax import sharding
-from detco_jax import step as step_lib
-from detco_jax import visualize
-from detco_jax.data import augment
 from detco_jax.data import pipeline
 from detco_jax.data import sources
 from detco_jax.eval import knn
-
-# The console line's accuracies: res5's three terms (MoCo v2 has gg only).
-CONSOLE = ("res5/gg_acc", "res5/ll_acc", "res5/gl_acc")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str,
@@ -50,22 +47,18 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str,
   writer.write_hparams(flat)
 
 
-def _write_views_image(config, batch, step: int, writer) -> None:
-  """Writes the first sample's four augmented views to TensorBoard once."""
-  first = {k: np.asarray(v[:1]) for k, v in batch.items()}
-  views = jax.jit(lambda b: augment.augment_views(
-      b, jax.random.key(config.seed), config.aug, config.views))(first)
-  panel = visualize.views_panel(
-      views["global"][0], views["local"][0] if "local" in views else None,
-      config.aug.mean, config.aug.std)
-  writer.write_images(step, {"views/I_q,I_k,P_q,P_k": panel[None]})
+def _write_views_image(config, method, batch, step: int, writer) -> None:
+  """Writes the first sample's augmented views to TensorBoard once."""
+  panel = method.views_panel(config, batch)
+  writer.write_images(step, {f"views/{method.name}": panel[None]})
 
 
 def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   """Pretraining in `workdir` as a job for `loop.run`.
 
   Args:
-    config: the experiment config (see configs/detco.py).
+    config: the experiment config (see configs/detco.py; `method` picks
+      the method).
     workdir: where checkpoints, TensorBoard events and the config go.
 
   Returns:
@@ -74,16 +67,13 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   Raises:
     ValueError: on an inconsistent config (the message names the fix).
   """
-  config_lib.validate(config, jax.device_count(), jax.process_count())
+  method = methods.get(config)
+  method.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh()
-  model = config_lib.build_model(config)
-  tx, schedule = config_lib.build_optimizer(config)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  state, shardings = step_lib.create_train_state(config, model, tx, mesh,
-                                                 init_rng)
-  train_step = step_lib.make_train_step(config, model, tx, schedule, mesh,
-                                        shardings)
+  state, train_step = method.build(config, mesh, init_rng)
   sources.prepare_builtin(config.data)
+  example_views = method.example_views(config)
 
   def step(state, host_batch):
     return train_step(state, sharding.host_to_global(host_batch, mesh),
@@ -98,17 +88,18 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   return loop.Job(
       name="pretraining", workdir=workdir,
       init_state=lambda resuming: state,
-      data=lambda start: pipeline.make_pretrain_iterator(config,
-                                                         start_step=start),
+      data=lambda start: pipeline.make_pretrain_iterator(
+          config, start_step=start, example_views=example_views),
       step=step, total_steps=config_lib.total_steps(config),
       batch_size=config.batch_size, log_every=config.log_every,
       checkpoint_every=config.checkpoint_every,
       keep_checkpoints=config.keep_checkpoints,
-      steps_per_epoch=config_lib.steps_per_epoch(config), console=CONSOLE,
+      steps_per_epoch=config_lib.steps_per_epoch(config),
+      console=method.console,
       hooks=(loop.Periodic(knn_every, functools.partial(
           _knn_monitor, config, mesh)),),
       on_start=on_start,
-      first_batch=(functools.partial(_write_views_image, config)
+      first_batch=(functools.partial(_write_views_image, config, method)
                    if config.write_views_image else None),
       profile_steps=tuple(config.profile_steps))
 
