@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
 
 from configs import detco as detco_config
 from configs import linear_probe
@@ -190,8 +191,15 @@ def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
 
 def test_probes_read_a_pretext_run(builtin_data_dir, tmp_path):
   config = tiny("rel_patch", builtin_data_dir)
+  config.write_views_image = True
   workdir = str(tmp_path / "pretrain")
   state = train.run(config, workdir) and jobcheck_state(config, workdir)
+  events = event_accumulator.EventAccumulator(
+      workdir, size_guidance={event_accumulator.IMAGES: 0,
+                              event_accumulator.TENSORS: 0})
+  events.Reload()
+  assert "views/rel_patch" in events.Tags()["images"] + events.Tags()[
+      "tensors"]
   backbone = pretrained.load(workdir)
   assert backbone.step == config.total_steps
   for got, want in zip(jax.tree.leaves(backbone.variables["params"]),
