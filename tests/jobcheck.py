@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from detco_jax import checkpoint as checkpoint_lib
-from detco_jax import config_lib
 from detco_jax import loop
+from detco_jax import methods
 from detco_jax import sharding
-from detco_jax import step as step_lib
 
 
 def sigterm_at(data: Callable[[int], Any], k: int) -> Callable[[int], Any]:
@@ -61,7 +60,7 @@ def saved_steps(workdir: str) -> list[int]:
 
 def restore_train_state(config: Any, workdir: str,
                         step: int | None = None) -> Any:
-  """The whole DetCo train state of a pretraining checkpoint.
+  """The whole train state of a pretraining checkpoint, of any method.
 
   Args:
     config: the pretraining run's config (it fixes the state's shapes).
@@ -71,11 +70,8 @@ def restore_train_state(config: Any, workdir: str,
   Returns:
     The state, on this process's mesh.
   """
-  model = config_lib.build_model(config)
-  tx, _ = config_lib.build_optimizer(config)
-  target, _ = step_lib.create_train_state(config, model, tx,
-                                          sharding.make_mesh(),
-                                          jax.random.key(0))
+  target, _ = methods.get(config).build(config, sharding.make_mesh(),
+                                        jax.random.key(0))
   ckpt = checkpoint_lib.Checkpointer(workdir)
   try:
     return ckpt.restore(target, step)

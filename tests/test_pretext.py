@@ -192,7 +192,8 @@ def test_probes_read_a_pretext_run(builtin_data_dir, tmp_path):
   config = tiny("rel_patch", builtin_data_dir)
   config.write_views_image = True
   workdir = str(tmp_path / "pretrain")
-  state = train.run(config, workdir) and jobcheck_state(config, workdir)
+  train.run(config, workdir)
+  state = jobcheck.restore_train_state(config, workdir)
   events = event_accumulator.EventAccumulator(
       workdir, size_guidance={event_accumulator.IMAGES: 0,
                               event_accumulator.TENSORS: 0})
@@ -210,18 +211,6 @@ def test_probes_read_a_pretext_run(builtin_data_dir, tmp_path):
   results = linear.run(probe_config, str(tmp_path / "linear"))
   assert results["pretrained_step"] == config.total_steps
   assert all(0 <= r["top1"] <= 1 for r in results["stages"].values())
-
-
-def jobcheck_state(config, workdir):
-  """The whole pretext state of the run's last checkpoint."""
-  from detco_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  target, _ = methods.METHODS[config.method].build(
-      config, sharding.make_mesh(), jax.random.key(0))
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  try:
-    return ckpt.restore(target)
-  finally:
-    ckpt.close()
 
 
 @pytest.mark.parametrize("name,key,value,match", [

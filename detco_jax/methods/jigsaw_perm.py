@@ -55,15 +55,13 @@ def example_views(config: pretext.Config) -> pipeline.ExampleViews:
 
 
 def validate(config: pretext.Config) -> None:
-  """A 3 x 3 grid whose tiles fit their cells, and N permutations of it."""
+  """A 3 x 3 grid, views the shared `ViewSpec` accepts, N permutations."""
   v, p = config.views, config.pretext
   if v.grid != GRID:
     raise ValueError(f"Bad config: method='jigsaw_perm' uses a {GRID} x "
                      f"{GRID} grid; set --config.views.grid={GRID}.")
-  if v.patch_size > v.local_size // v.grid:
-    raise ValueError(
-        f"Bad config: views.patch_size={v.patch_size} exceeds its grid cell "
-        f"(views.local_size // views.grid = {v.local_size // v.grid}).")
+  # The tile-fits-its-cell check and the others of DetCo's jigsaw views.
+  views_lib.ViewSpec.from_config(v)
   if not 2 <= p.num_permutations <= 1000:
     raise ValueError(
         f"Bad config: pretext.num_permutations={p.num_permutations} must be "
