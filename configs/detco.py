@@ -173,9 +173,6 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   common.builtin_demo(c)
   c.num_train_examples = c.data.builtin_num_train
   c.views.global_size = common.DEMO_CROP_SIZE
-  # Crops of at least 40% of the image keep most of the main object in both
-  # views; (0.2, 1) read 1 point lower in the 3-epoch proxy (README).
-  c.views.global_area = (0.4, 1.0)
   c.views.local_size = 36
   c.views.patch_size = 10
   c.eval_views = common.eval_views(common.DEMO_CROP_SIZE,
@@ -186,10 +183,6 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.model.global_hidden = ml_collections.ConfigDict(dict(
       res2=16, res3=32, res4=64, res5=128))
   c.model.local_hidden = 256
-  # MoCo's CIFAR temperature: with 1024 negatives among images that share
-  # colours and backgrounds, 0.2 spreads the logits too little (README,
-  # "Choosing the demo's settings": 0.1 read 2 points above 0.2 and 0.07).
-  c.loss.temperature = 0.1
   c.batch_size = 64
   c.queue_size = 1024
   c.bn_groups = 2

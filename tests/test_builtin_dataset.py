@@ -1,5 +1,6 @@
 """Tests of the built-in offline dataset `detco_shapes`, a real TFDS builder."""
 
+import colorsys
 import hashlib
 import pathlib
 import socket
@@ -191,51 +192,11 @@ def test_colour_does_not_predict_class():
   tied = palette[classes] + np.random.default_rng(1).normal(
       0, 20, colours.shape)
   assert _nearest_mean_accuracy(tied, classes) > 0.9
-  # And every class comes in every palette colour.
+  # And every class comes in many hues (sextants of the hue circle).
   for c in range(scenes.NUM_CLASSES):
-    seen = set(_nearest_palette_index(colours[classes == c]).tolist())
-    assert len(seen) == len(scenes.OBJECT_PALETTE), (
-        builtin.CLASS_NAMES[c], seen)
-
-
-def _nearest_palette_index(colours: np.ndarray) -> np.ndarray:
-  """Index of the nearest `OBJECT_PALETTE` colour of each RGB row."""
-  dist = ((colours[:, None, :] - scenes.OBJECT_PALETTE[None]) ** 2).sum(-1)
-  return np.argmin(dist, axis=1)
-
-
-def test_objects_are_painted_in_palette_colours():
-  # An object's mean colour is its palette colour, up to the mean of its
-  # +-25% shading ramp and pixel noise; every palette colour is used.
-  colours, _ = _object_colours(200)
-  index = _nearest_palette_index(colours)
-  error = np.abs(colours - scenes.OBJECT_PALETTE[index]).max(axis=1)
-  assert np.median(error) < 12.0
-  assert set(index.tolist()) == set(range(len(scenes.OBJECT_PALETTE)))
-
-
-def test_backgrounds_are_plain_palette_colours_shared_by_many_images():
-  # Away from the objects every pixel is one background palette colour plus
-  # the uniform pixel noise (amplitude up to 24, so |noise| <= 12): nothing
-  # in the background tells one image from the others of its colour.
-  palette = scenes.BACKGROUND_PALETTE
-  used = []
-  for index in range(120):
-    ex = scenes.generate_example("train", index, SIZE)
-    pixels = ex["image"][ex["mask"][..., 0] == 0].astype(np.float64)
-    distance = np.abs(pixels[:, None, :] - palette[None]).max(axis=-1)
-    nearest = np.argmin(np.median(distance, axis=0))
-    assert distance[:, nearest].max() <= 12.5, index
-    used.append(nearest)
-  # Each colour backs about a sixth of the images.
-  counts = np.bincount(used, minlength=len(palette))
-  assert counts.min() >= 120 / len(palette) / 2, counts
-
-
-def test_every_object_stands_out_from_every_background():
-  distance = np.sqrt(((scenes.OBJECT_PALETTE[:, None] -
-                       scenes.BACKGROUND_PALETTE[None]) ** 2).sum(-1))
-  assert distance.min() >= scenes._MIN_CONTRAST
+    hues = {int(colorsys.rgb_to_hsv(*(rgb / 255))[0] * 6) % 6
+            for rgb in colours[classes == c]}
+    assert len(hues) >= 5, (builtin.CLASS_NAMES[c], hues)
 
 
 def test_every_class_appears_and_labels_are_balanced(prepared):

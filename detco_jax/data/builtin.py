@@ -99,13 +99,11 @@ _MASK_DOC = ("Class segmentation of the visible pixels: 0 = background, "
 class DetcoShapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic multi-object scenes, generated offline and deterministically."""
 
-  VERSION = tfds.core.Version("3.0.0")
+  VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
       "1.0.0": "First release.",
       "2.0.0": ("A large, central main object and smaller distractors, so "
                 "that `label` is a shape a small network learns."),
-      "3.0.0": ("Colours from small shared palettes and plain backgrounds, "
-                "so that only the objects tell one image from another."),
   }
   # The demo (default) and the test configs; any other `s{S}_tr{N}_te{M}` name
   # is made on demand by `get_builder_config`.

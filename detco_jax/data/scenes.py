@@ -1,20 +1,12 @@
 """The scene generator of `detco_shapes`: synthetic multi-object scenes.
 
 Each image shows 1 to 4 objects of different shape classes (`CLASS_NAMES`)
-with random size, position and rotation, each painted in a colour of a small
-shared palette (`OBJECT_PALETTE`), over a plain background of another
-(`BACKGROUND_PALETTE`), with pixel noise: one large main object near the
-centre, drawn first, and up to 3 smaller distractors, which may occlude it.
-Colours are drawn independently of the shape, so colour does not predict the
-class; the main object's shape is the image's `label`.
-
-Why palettes and plain backgrounds (version 3.0.0): instance discrimination
-learns whatever tells one image from another. With every colour and a
-textured background drawn afresh per image (2.0.0), the background alone
-identified an image among thousands, and contrastive pretraining learned to
-look at backgrounds, not at objects. Here a background is shared by a sixth
-of the images and an object colour by an eighth, so what identifies an
-image is its objects: their shapes, poses and layout.
+with random colour, size, position and rotation, over a random textured
+background (gradient, stripes or smooth value noise) with pixel noise: one
+large main object near the centre, drawn first, and up to 3 smaller
+distractors, which may occlude it. Colours are drawn independently of the
+shape, so colour does not predict the class; the main object's shape is the
+image's `label`.
 
 `generate_example` returns one example as numpy arrays, with the features of
 the TFDS dataset (listed in `builtin`, which stores image and mask as PNG).
@@ -36,6 +28,7 @@ Images and masks are rasterised without anti-aliasing, so `mask` is exactly
 the set of pixels painted with each object's colour (before pixel noise).
 """
 
+import colorsys
 import functools
 from typing import Any, Callable
 
@@ -52,7 +45,7 @@ _SPLIT_IDS = {"train": 0, "test": 1}
 
 # Part of every example's seed: change it together with
 # `builtin.DetcoShapes.VERSION` whenever the generator's output changes.
-_GENERATOR_SEED = 3
+_GENERATOR_SEED = 2
 
 # Object size: the radius, as a fraction of the image side, of the disc with the
 # same area as the object (areas are equalised across shapes, so that no shape
@@ -76,18 +69,6 @@ _COLOUR_TRIES = 8
 MIN_IMAGE_SIZE = 16
 # Every unit shape lies within this radius (the square's corners, at 1.13).
 _EXTENT = 1.2
-
-# The shared palettes (RGB, 0..255): saturated hues for objects, duller
-# colours for backgrounds, so that every object stands out from every
-# background (each pair is at least `_MIN_CONTRAST` apart).
-OBJECT_PALETTE = np.array([
-    (225, 45, 45), (240, 150, 30), (225, 215, 50), (50, 185, 70),
-    (45, 190, 210), (55, 80, 225), (185, 60, 205), (235, 235, 235),
-], np.float64)
-BACKGROUND_PALETTE = np.array([
-    (40, 40, 48), (120, 120, 120), (150, 120, 80), (60, 90, 120),
-    (80, 100, 60), (110, 60, 70),
-], np.float64)
 
 _Shape = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -216,18 +197,50 @@ def _unit_vector(rng: np.random.Generator) -> np.ndarray:
   return d / max(float(np.sqrt(d @ d)), 1e-12)
 
 
+def _random_colour(rng: np.random.Generator, sat: tuple[float, float],
+                   val: tuple[float, float]) -> np.ndarray:
+  """An RGB colour in [0, 255] with uniform hue."""
+  h, s, v = rng.uniform(), rng.uniform(*sat), rng.uniform(*val)
+  return 255.0 * np.array(colorsys.hsv_to_rgb(h, s, v))
+
+
+def _value_noise(rng: np.random.Generator, yy: np.ndarray,
+                 xx: np.ndarray) -> np.ndarray:
+  """Smooth noise in [0, 1]: a random lattice, bilinearly interpolated."""
+  cells = int(rng.integers(2, 8))
+  lattice = rng.uniform(size=(cells + 1, cells + 1))
+
+  def weights(t):
+    t = t.ravel() * cells
+    i = np.minimum(np.floor(t).astype(int), cells - 1)
+    return i, (t - i)
+
+  iy, wy = weights(yy)
+  ix, wx = weights(xx)
+  rows = lattice[iy] * (1 - wy[:, None]) + lattice[iy + 1] * wy[:, None]
+  return rows[:, ix] * (1 - wx) + rows[:, ix + 1] * wx
+
+
 def _background(rng: np.random.Generator, yy: np.ndarray,
                 xx: np.ndarray) -> np.ndarray:
-  """A float32 [S, S, 3] background: one `BACKGROUND_PALETTE` colour, plain.
-
-  Shared by about a sixth of the images, so that a background tells one image
-  from another no better than chance, and instance discrimination has to use
-  the objects.
-  """
-  colour = BACKGROUND_PALETTE[rng.integers(len(BACKGROUND_PALETTE))]
-  image = np.empty((yy.shape[0], xx.shape[1], 3), np.float32)
-  image[...] = colour.astype(np.float32)
-  return image
+  """A float32 [S, S, 3] background mixing two random colours by a pattern."""
+  c0 = _random_colour(rng, (0.0, 0.8), (0.15, 0.95))
+  c1 = _random_colour(rng, (0.0, 0.8), (0.15, 0.95))
+  kind = rng.integers(3)
+  if kind == 0:  # Linear gradient in a random direction.
+    d = _unit_vector(rng)
+    t = ((yy - 0.5) * d[0] + (xx - 0.5) * d[1]) / np.sqrt(2) + 0.5
+  elif kind == 1:  # Stripes: a triangle wave of random frequency, sharpened.
+    d = _unit_vector(rng)
+    freq, phase, sharp = rng.uniform(2, 10), rng.uniform(), rng.uniform(1, 4)
+    t = np.abs(((yy * d[0] + xx * d[1]) * freq + phase) % 1.0 * 2 - 1)
+    t = np.clip((t - 0.5) * sharp + 0.5, 0, 1)
+  else:
+    t = _value_noise(rng, yy, xx)
+  # float32 from here on: the image is rounded to uint8 anyway.
+  t = np.broadcast_to(t, (yy.shape[0], xx.shape[1]))[..., None]
+  t = t.astype(np.float32)
+  return c0.astype(np.float32) * (1 - t) + c1.astype(np.float32) * t
 
 
 def _sample_object(
@@ -270,9 +283,9 @@ def _sample_object(
 
 
 def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
-  """An `OBJECT_PALETTE` colour that stands out from `under` (its mean, [3])."""
+  """A random colour that stands out from `under` (its mean, [3])."""
   for _ in range(_COLOUR_TRIES):
-    colour = OBJECT_PALETTE[rng.integers(len(OBJECT_PALETTE))]
+    colour = _random_colour(rng, (0.3, 1.0), (0.3, 1.0))
     if np.sqrt(np.sum((colour - under) ** 2)) >= _MIN_CONTRAST:
       break
   return colour
