@@ -11,7 +11,7 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
 
   demo          the built-in offline dataset (`detco_shapes`, 64 px images,
                 32 px global views, 10 px patches) with a narrow ResNet-18,
-                8 epochs; about 25 minutes on a 2-core CPU, after which its
+                8 epochs; 25 to 36 minutes on a 2-core CPU, after which its
                 linear probe beats the untrained network's (README.md has
                 the measured figures).
   tiny          a few-step smoke configuration for tests (32 px, ResNet-10
@@ -161,7 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:
-  """The built-in dataset, narrow ResNet-18, 32 px; ~25 min on a 2-core CPU.
+  """The built-in dataset, narrow ResNet-18, 32 px; 25-36 min on a 2-core CPU.
 
   Its choices for a short run (measured in README.md, "Demo pretraining"):
   32 px views buy 8 epochs, which the linear probe needs to see shape, in the
