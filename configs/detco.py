@@ -34,6 +34,9 @@ scale variant, e.g. `--config=configs/detco.py:demo,rotation`:
                 the 3 x 3 tiles (Noroozi & Favaro 2016).
   rel_patch     which of 8 neighbours a second patch is, with a gap and
                 jitter between cells (Doersch et al. 2015).
+  supervised    not self-supervised: a linear classifier on the pooled
+                res5 features, trained on the dataset's label from one
+                global view per image; the reference row of a table.
 
 Arguments, typed `name=value` items in the same list (configs/common.py):
 
@@ -278,6 +281,10 @@ def _rel_patch(c: ml_collections.ConfigDict) -> None:
            gap=common.placeholder(int), jitter=common.placeholder(int))
 
 
+def _supervised(c: ml_collections.ConfigDict) -> None:
+  _pretext(c, "supervised")
+
+
 VARIANTS = {
     "demo": _demo,
     "tiny": _tiny,
@@ -290,6 +297,7 @@ VARIANTS = {
     "rotation": _rotation,
     "jigsaw_perm": _jigsaw_perm,
     "rel_patch": _rel_patch,
+    "supervised": _supervised,
 }
 
 

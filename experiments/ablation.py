@@ -1,6 +1,6 @@
 r"""A small-scale reproduction of DetCo's ablation on the built-in dataset.
 
-  python experiments/ablation.py [--workdir=workdirs/ablation] [--seeds=0,1]
+  python experiments/ablation.py [--workdir=workdirs/ablation] [--seeds=0,1,2]
       [--scale=ablation] [--detection_steps=300] [--methods=all]
 
 Pretrains the methods with equal budgets (`--scale` names the variant of
@@ -19,18 +19,27 @@ and the classic pretext tasks (detco_jax/methods/)
   jigsaw perm.     100 permutations of 3 x 3 tiles   (`jigsaw_perm`)
   rel. patch       8 neighbour positions             (`rel_patch`)
 
+and, as the ceiling, the same network trained on the label
+
+  supervised       one global view, linear classifier (`supervised`)
+
 (`--methods` picks some by their keys, e.g. `--methods=detco,rotation`)
 
 then probes every backbone with the linear probe (top-1 per stage), the
-dense probe (mIoU per stage) and detection transfer (RetinaNet fine-tuned
-for `--detection_steps` steps on the built-in boxes: COCO AP and AP50; 0
-leaves it out), and an untrained backbone once as the floor. A pretext
-task's row also gives its own accuracy, over the last log window of its
-training (chance: 25%, 1% and 12.5%).
-It prints a Markdown table of mean +- half-range over the seeds and writes
-it, with every run's figures and the wall time, to `<workdir>/ablation.md`
-and `ablation.json`. Runs already finished in the workdir are reused, so an
-interrupted script resumes where it stopped.
+dense probe (mIoU per stage, 11 classes) and its foreground/background
+variant, and detection transfer (RetinaNet fine-tuned for
+`--detection_steps` steps on the built-in boxes: COCO AP and AP50; 0 leaves
+it out), and the untrained architecture as the floor, initialised with each
+seed. A pretext task's row also gives its own accuracy, over the last log
+window of its training (chance: 25%, 1% and 12.5%; the supervised row's is
+its training accuracy on the label).
+It prints a Markdown table of mean ± sample standard deviation over the
+seeds, and each method's difference from MoCo v2 on linear res5, fg/bg mIoU
+and detection AP with its standard error, and writes them, with every
+run's figures and the wall time, to `<workdir>/ablation.md` and
+`ablation.json`. Seeds run one after another, every method of a seed
+before the next seed; runs already finished in the workdir are reused, so
+an interrupted script resumes where it stopped.
 """
 
 import argparse
@@ -39,6 +48,8 @@ import os
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -71,12 +82,30 @@ PRETEXT_METHODS = (
     ("jigsaw perm.", "jigsaw_perm"),
     ("rel. patch", "rel_patch"),
 )
-ALL_METHODS = METHODS + PRETEXT_METHODS
+# The ceiling: the same network and budget trained on the label.
+SUPERVISED = (("supervised", "supervised"),)
+ALL_METHODS = METHODS + PRETEXT_METHODS + SUPERVISED
 FLOOR = "random init"
 # The last log window's scalars of each pretraining, kept beside it: a
 # finished run that is reused trains no step and so logs nothing.
 LAST_WINDOW = "pretrain_last.json"
 DETECTION_METRICS = ("AP", "AP50")
+# The table's column groups: (figures key, header format, sub-keys).
+COLUMNS = (
+    ("linear_top1", "linear {}", STAGES),
+    ("dense_miou", "mIoU {}", STAGES),
+    ("dense_fgbg_miou", "fg/bg {}", STAGES),
+    ("detection", "det {}", DETECTION_METRICS),
+)
+# The measures each method is compared on with the baseline (`contrasts`):
+# the paper's two protocols, linear classification on the last stage and
+# detection, and the fg/bg dense probe averaged over the stages that
+# multi-level supervision trains.
+CONTRASTS = (
+    ("linear_top1/res5", "linear res5"),
+    ("dense_fgbg_miou/mean", "fg/bg mIoU, mean of res2..res5"),
+    ("detection/AP", "det AP"),
+)
 
 
 def pretrain_config(scale: str, variant: str, seed: int):
@@ -103,9 +132,11 @@ def linear_config(pretrained: str, seed: int, random_init: bool = False):
   return config
 
 
-def dense_config(pretrained: str, seed: int, random_init: bool = False):
-  """The demo's dense probe at the pretraining's eval sizes, 1 epoch."""
-  config = dense_probe.get_config("demo")
+def dense_config(pretrained: str, seed: int, random_init: bool = False,
+                 fgbg: bool = False):
+  """The demo's dense probe at the pretraining's eval sizes, 1 epoch; with
+  `fgbg`, its two-class (foreground/background) variant."""
+  config = dense_probe.get_config("demo,fgbg" if fgbg else "demo")
   config.views.crop_size, config.views.resize_size = _eval_sizes(pretrained)
   config.num_epochs = 1
   config.pretrained, config.seed, config.random_init = (pretrained, seed,
@@ -116,6 +147,32 @@ def dense_config(pretrained: str, seed: int, random_init: bool = False):
 # The demo's detection transfer, `steps` steps long: the same run as the
 # detection-transfer table's.
 detection_transfer_config = detection_transfer.transfer_config
+
+
+def run_probe(job: Any, config: Any, workdir: str) -> dict[str, Any]:
+  """Runs a probe (`job.run(config, workdir)`), or reads the results a
+  finished run of the same backbone left in `workdir`.
+
+  A probe writes its results file (`job.RESULTS_FILE`) only once it has
+  evaluated, so the file means the run is done; reading it skips the
+  restore and the evaluation that re-running a finished job costs.
+
+  Args:
+    job: the probe's module (`linear`, `dense` or `detection`).
+    config: its config.
+    workdir: its workdir.
+
+  Returns:
+    The probe's results.
+  """
+  path = os.path.join(workdir, job.RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+    if (results.get("pretrained"), results.get("random_init")) == (
+        config.pretrained, config.random_init):
+      return results
+  return job.run(config, workdir)
 
 
 def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,
@@ -130,19 +187,25 @@ def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,
     detection_steps: steps of detection fine-tuning; 0: none.
 
   Returns:
-    {"linear_top1": {stage: value}, "dense_miou": {stage: value}}, and
-    "detection": {"AP": value, "AP50": value} with detection.
+    {"linear_top1": {stage: value}, "dense_miou": {stage: value},
+    "dense_fgbg_miou": {stage: value}}, and "detection": {"AP": value,
+    "AP50": value} with detection.
   """
-  lin = linear.run(linear_config(pretrained, seed, random_init),
-                   os.path.join(workdir, "linear"))
-  den = dense.run(dense_config(pretrained, seed, random_init),
+  lin = run_probe(linear, linear_config(pretrained, seed, random_init),
+                  os.path.join(workdir, "linear"))
+  den = run_probe(dense, dense_config(pretrained, seed, random_init),
                   os.path.join(workdir, "dense"))
+  fgbg = run_probe(dense, dense_config(pretrained, seed, random_init,
+                                       fgbg=True),
+                   os.path.join(workdir, "dense_fgbg"))
   figures = {"linear_top1": {s: lin["stages"][s]["top1"] for s in STAGES},
-             "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES}}
+             "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES},
+             "dense_fgbg_miou": {s: fgbg["stages"][s]["miou"]
+                                 for s in STAGES}}
   if detection_steps > 0:
-    det = detection.run(
-        detection_transfer_config(pretrained, seed, detection_steps,
-                                  random_init),
+    det = run_probe(
+        detection, detection_transfer_config(pretrained, seed,
+                                             detection_steps, random_init),
         os.path.join(workdir, f"detection_{detection_steps}"))
     figures["detection"] = {k: det[k] for k in DETECTION_METRICS}
   return figures
@@ -203,8 +266,10 @@ def run_all(workdir: str, seeds: list[int], scale: str,
     {"runs": {label: [per-seed figures]}, "seconds": {label: [...]}}.
   """
   runs, seconds = {}, {}
-  for label, variant in methods:
-    for seed in seeds:
+  # Seed-major, so an interrupted table has whole seeds; each seed's floor
+  # is the architecture initialised with that seed, probed the same way.
+  for seed in seeds:
+    for label, variant in methods:
       start = time.time()
       run_dir = os.path.join(workdir, f"{variant or 'detco'}_seed{seed}")
       pretrain_dir = os.path.join(run_dir, "pretrain")
@@ -216,47 +281,104 @@ def run_all(workdir: str, seeds: list[int], scale: str,
       runs.setdefault(label, []).append(figures)
       seconds.setdefault(label, []).append(time.time() - start)
       print(f"{label} seed {seed}: {json.dumps(figures)}", flush=True)
-  # The floor: the same architecture untrained (probes only).
-  start = time.time()
-  first = os.path.join(workdir, f"{methods[-1][1] or 'detco'}_seed{seeds[0]}",
-                       "pretrain")
-  runs[FLOOR] = [probe(first, os.path.join(workdir, "random_init"), seeds[0],
-                       random_init=True, detection_steps=detection_steps)]
-  seconds[FLOOR] = [time.time() - start]
+    start = time.time()
+    # The floor reads its architecture from the seed's last pretraining.
+    last_run = os.path.join(workdir, f"{methods[-1][1] or 'detco'}_seed{seed}",
+                            "pretrain")
+    figures = probe(last_run, os.path.join(workdir, f"random_init_seed{seed}"),
+                    seed, random_init=True, detection_steps=detection_steps)
+    runs.setdefault(FLOOR, []).append(figures)
+    seconds.setdefault(FLOOR, []).append(time.time() - start)
+    print(f"{FLOOR} seed {seed}: {json.dumps(figures)}", flush=True)
   return {"runs": runs, "seconds": seconds, "seeds": seeds, "scale": scale}
 
 
 def table(results: dict[str, Any]) -> str:
-  """The Markdown table: linear top-1 and dense mIoU per stage (and the
-  detection APs, when every run has them; the pretext-task accuracy, when
-  a run has it), in %."""
+  """The Markdown table of every method, in %: mean ± standard deviation
+  over the seeds.
+
+  A column group (`COLUMNS`) is shown when every run has it, so the table of
+  an older workdir (no fg/bg probe, no detection) still reads; the pretext
+  accuracy when any run has it ("—" for the others).
+
+  Args:
+    results: `run_all`'s.
+
+  Returns:
+    The table.
+  """
   runs = results["runs"]
-  with_detection = all("detection" in f for figures in runs.values()
-                       for f in figures)
-  metrics = DETECTION_METRICS if with_detection else ()
-  with_pretext = any("pretext_acc" in f for figures in runs.values()
-                     for f in figures)
-  head = ("| method | " + " | ".join(f"linear {s}" for s in STAGES) + " | "
-          + " | ".join(f"mIoU {s}" for s in STAGES)
-          + "".join(f" | det {m}" for m in metrics)
-          + (" | pretext acc" if with_pretext else "") + " |")
-  columns = 1 + 2 * len(STAGES) + len(metrics) + with_pretext
-  lines = [head, "|---" * columns + "|"]
+  every = [f for figures in runs.values() for f in figures]
+  groups = [(key, head, subs) for key, head, subs in COLUMNS
+            if all(key in f for f in every)]
+  with_pretext = any("pretext_acc" in f for f in every)
+  heads = [head.format(sub) for _, head, subs in groups for sub in subs]
+  heads += ["pretext acc"] if with_pretext else []
+  lines = ["| method | " + " | ".join(heads) + " |",
+           "|---" * (1 + len(heads)) + "|"]
   for label, figures in runs.items():
-    cells = [tables.cell([f["linear_top1"][s] for f in figures]) for s in STAGES]
-    cells += [tables.cell([f["dense_miou"][s] for f in figures]) for s in STAGES]
-    cells += [tables.cell([f["detection"][m] for f in figures]) for m in metrics]
+    cells = [tables.cell([f[key][sub] for f in figures], "std")
+             for key, _, subs in groups for sub in subs]
     if with_pretext:
       accuracies = [f["pretext_acc"] for f in figures if "pretext_acc" in f]
-      cells.append(tables.cell(accuracies) if accuracies else "—")
+      cells.append(tables.cell(accuracies, "std") if accuracies else "—")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def summary_figure(figures: dict[str, Any], measure: str) -> float:
+  """One run's figure for a `CONTRASTS` measure: a (group, key) cell, or
+  the mean over the stages of a per-stage group ("group/mean")."""
+  group, key = measure.split("/")
+  if key == "mean":
+    return float(np.mean([figures[group][s] for s in STAGES]))
+  return float(figures[group][key])
+
+
+def contrasts(results: dict[str, Any], baseline: str = "MoCo v2") -> str:
+  """Each method against `baseline` on the `CONTRASTS` measures.
+
+  A difference is "beyond the seed spread" when it exceeds twice its
+  standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b), with each row's sample
+  standard deviation; rows of one seed have no spread and are not judged.
+
+  Args:
+    results: `run_all`'s.
+    baseline: the row the others are compared with.
+
+  Returns:
+    One line per method and measure, or "" without the baseline row.
+  """
+  runs = results["runs"]
+  if baseline not in runs:
+    return ""
+  lines = []
+  for measure, name in CONTRASTS:
+    if not all(measure.split("/")[0] in f for figures in runs.values()
+               for f in figures):
+      continue
+    base = 100 * np.array([summary_figure(f, measure) for f in runs[baseline]])
+    for label, figures in runs.items():
+      if label == baseline:
+        continue
+      other = 100 * np.array([summary_figure(f, measure) for f in figures])
+      delta = other.mean() - base.mean()
+      if min(len(base), len(other)) < 2:
+        lines.append(f"{name}: {label} - {baseline} = {delta:+.1f} "
+                     f"(one seed: not judged)")
+        continue
+      se = np.sqrt(base.var(ddof=1) / len(base)
+                   + other.var(ddof=1) / len(other))
+      verdict = "beyond" if abs(delta) > 2 * se else "within"
+      lines.append(f"{name}: {label} - {baseline} = {delta:+.1f} ± {se:.1f} "
+                   f"(standard error; {verdict} the seed spread)")
   return "\n".join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="workdirs/ablation")
-  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--scale", default="ablation",
                       help="configs/detco.py variant setting the budget.")
   parser.add_argument("--detection_steps", type=int, default=300,
@@ -265,7 +387,7 @@ def main() -> None:
   parser.add_argument("--methods", default="all",
                       help="'all', or comma-separated keys: detco, mocov2, "
                       "global_only, single_level, rotation, jigsaw_perm, "
-                      "rel_patch.")
+                      "rel_patch, supervised.")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   methods = select_methods(args.methods)
@@ -274,7 +396,11 @@ def main() -> None:
                     methods)
   results["total_seconds"] = time.time() - start
   text = table(results)
-  summary = (f"{text}\n\nSeeds {seeds}; mean ± half-range, in %. Total "
+  versus = contrasts(results)
+  if versus:
+    text += "\n\n" + versus
+  summary = (f"{text}\n\nSeeds {seeds}; mean ± standard deviation, in %. "
+             f"Total "
              f"{results['total_seconds'] / 60:.0f} min.\n")
   tables.write_summary(args.workdir, "ablation", summary, results)
 

@@ -79,6 +79,38 @@ def restore_train_state(config: Any, workdir: str,
     ckpt.close()
 
 
+def check_probes_read_the_run(config: Any, workdir: str, data_dir: str,
+                              probe_workdir: str) -> dict[str, Any]:
+  """A finished pretraining's backbone, as the probes load it, is its train
+  state's; and the tiny linear probe runs on it.
+
+  Args:
+    config: the pretraining run's config.
+    workdir: the finished run's directory.
+    data_dir: the built-in dataset's TFDS data dir.
+    probe_workdir: where the linear probe runs.
+
+  Returns:
+    The linear probe's results.
+  """
+  from configs import linear_probe  # pylint: disable=g-import-not-at-top
+  from detco_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from detco_jax.eval import linear  # pylint: disable=g-import-not-at-top
+  state = restore_train_state(config, workdir)
+  backbone = pretrained.load(workdir)
+  assert backbone.step == config.total_steps
+  for got, want in zip(jax.tree.leaves(backbone.variables["params"]),
+                       jax.tree.leaves(state.params["backbone"])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  probe_config = linear_probe.get_config("tiny")
+  probe_config.pretrained = workdir
+  probe_config.data.data_dir = data_dir
+  results = linear.run(probe_config, probe_workdir)
+  assert results["pretrained_step"] == config.total_steps
+  assert all(0 <= r["top1"] <= 1 for r in results["stages"].values())
+  return results
+
+
 def assert_same_state(a: Any, b: Any) -> None:
   """Bit for bit: a resumed run replays the same programs on the same data."""
   a, b = jax.device_get(a), jax.device_get(b)

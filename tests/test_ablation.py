@@ -1,7 +1,11 @@
 """The ablation script's bookkeeping: configs per method, the table."""
 
 import importlib.util
+import json
 import os
+
+import ml_collections
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,21 +36,82 @@ def test_methods_differ_only_in_the_two_switches():
   assert all(c == plain[0] for c in plain) and plain[0]["seed"] == 1
 
 
-def test_table_gives_mean_and_half_range_in_percent():
+def test_table_gives_mean_and_sample_std_in_percent():
   ablation = load_script()
   per_stage = lambda v: {s: v for s in ablation.STAGES}
+  seeds = (0.10, 0.14, 0.15)
   results = {"runs": {
-      "MoCo v2": [
-          {"linear_top1": per_stage(0.10), "dense_miou": per_stage(0.2)},
-          {"linear_top1": per_stage(0.14), "dense_miou": per_stage(0.3)}],
+      "MoCo v2": [{"linear_top1": per_stage(v), "dense_miou": per_stage(2 * v),
+                   "dense_fgbg_miou": per_stage(0.5)} for v in seeds],
       "random init": [{"linear_top1": per_stage(0.05),
-                       "dense_miou": per_stage(0.1)}]}}
+                       "dense_miou": per_stage(0.1),
+                       "dense_fgbg_miou": per_stage(0.4)}]}}
   lines = ablation.table(results).splitlines()
-  assert lines[0].startswith("| method | linear res2 |")
+  assert lines[0] == ("| method | " + " | ".join(
+      [f"linear res{i}" for i in range(2, 6)]
+      + [f"mIoU res{i}" for i in range(2, 6)]
+      + [f"fg/bg res{i}" for i in range(2, 6)]) + " |")
+  values = 100 * np.array(seeds)
+  linear = f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+  dense = f"{2 * values.mean():.1f} ± {2 * values.std(ddof=1):.1f}"
+  assert linear == "13.0 ± 2.6"
   assert lines[2] == "| MoCo v2 | " + " | ".join(
-      ["12.0 ± 2.0"] * 4 + ["25.0 ± 5.0"] * 4) + " |"
+      [linear] * 4 + [dense] * 4 + ["50.0 ± 0.0"] * 4) + " |"
   assert lines[3] == "| random init | " + " | ".join(
-      ["5.0"] * 4 + ["10.0"] * 4) + " |"
+      ["5.0"] * 4 + ["10.0"] * 4 + ["40.0"] * 4) + " |"
+  # An older run without the fg/bg probe: that group is left out.
+  del results["runs"]["random init"][0]["dense_fgbg_miou"]
+  assert "fg/bg" not in ablation.table(results)
+
+
+def test_contrasts_give_the_difference_and_its_standard_error():
+  ablation = load_script()
+  per_stage = lambda v: {s: v for s in ablation.STAGES}
+  run = lambda lin, ap: {"linear_top1": per_stage(lin),
+                         "dense_fgbg_miou": {"res2": 0.5, "res3": 0.6,
+                                             "res4": 0.7, "res5": 0.4},
+                         "detection": {"AP": ap, "AP50": 2 * ap}}
+  results = {"runs": {
+      "MoCo v2": [run(0.10, 0.02), run(0.12, 0.03), run(0.14, 0.02)],
+      "DetCo": [run(0.20, 0.025), run(0.21, 0.02), run(0.22, 0.03)],
+      "random init": [run(0.1, 0.01)]}}
+  lines = ablation.contrasts(results).splitlines()
+  base, detco = np.array([10., 12., 14.]), np.array([20., 21., 22.])
+  se = np.sqrt(base.var(ddof=1) / 3 + detco.var(ddof=1) / 3)
+  assert lines[0] == (f"linear res5: DetCo - MoCo v2 = +{detco.mean() - 12:.1f}"
+                      f" ± {se:.1f} (standard error; beyond the seed spread)")
+  assert lines[1] == "linear res5: random init - MoCo v2 = -2.0 (one seed: not judged)"
+  # The fg/bg measure is the mean over the stages: equal here, so +0.0.
+  assert lines[2].startswith("fg/bg mIoU, mean of res2..res5: DetCo - MoCo v2"
+                             " = +0.0 ± 0.0")
+  assert lines[4].startswith("det AP: DetCo - MoCo v2 = +0.2 ± ")
+  assert lines[4].endswith("within the seed spread)")
+  assert ablation.contrasts({"runs": {"DetCo": [run(0.2, 0.1)]}}) == ""
+
+
+def test_seeds_run_one_after_another_each_with_its_own_floor(monkeypatch,
+                                                              tmp_path):
+  ablation = load_script()
+  calls = []
+  monkeypatch.setattr(ablation, "pretrain",
+                      lambda config, run_dir: calls.append(
+                          ("pretrain", os.path.basename(run_dir),
+                           config.seed)) or {})
+  def probe(pretrained, workdir, seed, random_init=False, detection_steps=0):
+    calls.append(("probe", os.path.basename(workdir), seed, random_init))
+    return {"linear_top1": {}, "dense_miou": {}}
+  monkeypatch.setattr(ablation, "probe", probe)
+  methods = ablation.select_methods("mocov2,supervised")
+  assert methods == (("MoCo v2", "mocov2"), ("supervised", "supervised"))
+  results = ablation.run_all(str(tmp_path), [0, 1], "tiny", 0, methods)
+  assert [c[:2] for c in calls[:5]] == [
+      ("pretrain", "mocov2_seed0"), ("probe", "mocov2_seed0"),
+      ("pretrain", "supervised_seed0"), ("probe", "supervised_seed0"),
+      ("probe", "random_init_seed0")]
+  assert calls[4] == ("probe", "random_init_seed0", 0, True)
+  assert calls[9] == ("probe", "random_init_seed1", 1, True)
+  assert list(results["runs"]) == ["MoCo v2", "supervised", "random init"]
+  assert len(results["runs"]["random init"]) == 2
 
 
 def test_table_gains_detection_columns_when_every_run_has_them():
@@ -58,10 +123,38 @@ def test_table_gains_detection_columns_when_every_run_has_them():
                       "random init": [run(0.10)]}}
   lines = ablation.table(results).splitlines()
   assert lines[0].endswith("| det AP | det AP50 |")
-  assert lines[2].endswith("| 32.0 ± 2.0 | 64.0 ± 4.0 |")
+  assert lines[2].endswith("| 32.0 ± 2.8 | 64.0 ± 5.7 |")
   assert lines[3].endswith("| 10.0 | 20.0 |")
   # A run without detection (an older workdir): no detection columns.
   del results["runs"]["random init"][0]["detection"]
   assert "det AP" not in ablation.table(results)
   config = ablation.detection_transfer_config("w", seed=3, steps=40)
   assert (config.total_steps, config.seed, config.pretrained) == (40, 3, "w")
+
+
+def test_a_finished_probe_is_read_back_not_run_again(tmp_path):
+  ablation = load_script()
+  calls = []
+
+  class FakeProbe:
+    RESULTS_FILE = "fake_results.json"
+
+    @staticmethod
+    def run(config, workdir):
+      calls.append(workdir)
+      results = {"pretrained": config.pretrained,
+                 "random_init": config.random_init, "top1": 0.25}
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, FakeProbe.RESULTS_FILE), "w") as f:
+        json.dump(results, f)
+      return results
+
+  config = ml_collections.ConfigDict(dict(pretrained="p", random_init=False))
+  workdir = str(tmp_path / "probe")
+  first = ablation.run_probe(FakeProbe, config, workdir)
+  assert ablation.run_probe(FakeProbe, config, workdir) == first
+  assert len(calls) == 1
+  # Another backbone's results in the same workdir are not taken.
+  config.random_init = True
+  assert ablation.run_probe(FakeProbe, config, workdir)["random_init"]
+  assert len(calls) == 2

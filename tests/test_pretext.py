@@ -8,12 +8,9 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import detco as detco_config
-from configs import linear_probe
 from detco_jax import methods
-from detco_jax import pretrained
 from detco_jax import sharding
 from detco_jax import train
-from detco_jax.eval import linear
 from detco_jax.methods import pretext
 from tests import jobcheck
 
@@ -193,24 +190,14 @@ def test_probes_read_a_pretext_run(builtin_data_dir, tmp_path):
   config.write_views_image = True
   workdir = str(tmp_path / "pretrain")
   train.run(config, workdir)
-  state = jobcheck.restore_train_state(config, workdir)
   events = event_accumulator.EventAccumulator(
       workdir, size_guidance={event_accumulator.IMAGES: 0,
                               event_accumulator.TENSORS: 0})
   events.Reload()
   assert "views/rel_patch" in events.Tags()["images"] + events.Tags()[
       "tensors"]
-  backbone = pretrained.load(workdir)
-  assert backbone.step == config.total_steps
-  for got, want in zip(jax.tree.leaves(backbone.variables["params"]),
-                       jax.tree.leaves(state.params["backbone"])):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  probe_config = linear_probe.get_config("tiny")
-  probe_config.pretrained = workdir
-  probe_config.data.data_dir = builtin_data_dir
-  results = linear.run(probe_config, str(tmp_path / "linear"))
-  assert results["pretrained_step"] == config.total_steps
-  assert all(0 <= r["top1"] <= 1 for r in results["stages"].values())
+  jobcheck.check_probes_read_the_run(config, workdir, builtin_data_dir,
+                                     str(tmp_path / "linear"))
 
 
 @pytest.mark.parametrize("name,key,value,match", [

@@ -6,7 +6,8 @@ global batch, b = global batch // process count):
   * `make_pretrain_iterator`: infinite DetCo batches
     {"global": uint8 [b, 2, H, W, 3], "local": uint8 [b, 2, 9, h, w, 3]}
     ("local" only when `config.loss.global_local`), or another method's
-    (`example_views`: a pretext task's {"inputs", "label"});
+    (`example_views`: a pretext task's {"inputs", "label"}; with
+    `LabelledViews`, the label is the example's own);
   * `make_eval_iterator(train=True)`: infinite linear-probe training batches
     {"image": uint8 [b, S, S, 3], "label": int32 [b]};
   * `make_eval_iterator(train=False)`: one pass over this process's shard of
@@ -40,6 +41,7 @@ are dropped (never duplicated) and the padding grows to match.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Any, Callable, Iterator, Optional
 
@@ -270,6 +272,20 @@ def _open_train_source(config: Any, split: str, process_index: int,
 ExampleViews = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelledViews:
+  """The host views of a method that trains on the dataset's label.
+
+  Self-supervised methods never see the label; wrapping their views in this
+  says, in the type, that a method does. The pipeline adds the example's
+  label to the views as "label", int32 [1].
+
+  Attributes:
+    views: `(image, seed) -> dict` without "label", as `ExampleViews`.
+  """
+  views: ExampleViews
+
+
 def detco_example_views(config: Any) -> ExampleViews:
   """DetCo's host views of one example (`views.detco_views`).
 
@@ -287,7 +303,8 @@ def detco_example_views(config: Any) -> ExampleViews:
 
 
 def _pretrain(config: Any, process_index: int, process_count: int,
-              start_step: int, example_views: ExampleViews | None = None
+              start_step: int,
+              example_views: ExampleViews | LabelledViews | None = None
               ) -> tuple[tf.data.Dataset, sources.Source]:
   """The pretraining dataset and its source; see `make_pretrain_iterator`."""
   if start_step < 0:
@@ -305,7 +322,11 @@ def _pretrain(config: Any, process_index: int, process_count: int,
 
   def make_views(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     seed = view_seed(view_key, example["position"])
-    out = dict(example_views(example["image"], seed))
+    if isinstance(example_views, LabelledViews):
+      out = dict(example_views.views(example["image"], seed))
+      out["label"] = tf.reshape(tf.cast(example["label"], tf.int32), [1])
+    else:
+      out = dict(example_views(example["image"], seed))
     out[CORRUPT] = example[CORRUPT]
     return out
 
@@ -316,7 +337,8 @@ def _pretrain(config: Any, process_index: int, process_count: int,
 def make_pretrain_dataset(config: Any, *, process_index: Optional[int] = None,
                           process_count: Optional[int] = None,
                           start_step: int = 0,
-                          example_views: ExampleViews | None = None
+                          example_views: (ExampleViews | LabelledViews
+                                          | None) = None
                           ) -> tf.data.Dataset:
   """The DetCo pretraining stream as a `tf.data.Dataset`.
 
@@ -343,7 +365,8 @@ def make_pretrain_iterator(config: Any, *,
                            process_index: Optional[int] = None,
                            process_count: Optional[int] = None,
                            start_step: int = 0,
-                           example_views: ExampleViews | None = None
+                           example_views: (ExampleViews | LabelledViews
+                                          | None) = None
                            ) -> InputIterator:
   """The pretraining batches of this process: infinite, resumable.
 

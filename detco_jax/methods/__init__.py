@@ -1,7 +1,8 @@
 """Pretraining methods: DetCo and the classic pretext tasks.
 
 `config.method` picks one: "detco" (the default; with the `mocov2` variant,
-MoCo v2), "rotation", "jigsaw_perm" or "rel_patch". Each is a `base.Method`
+MoCo v2), "rotation", "jigsaw_perm" or "rel_patch"; "supervised" trains on the
+dataset's label, the reference that the others are compared with. Each is a `base.Method`
 that the pretraining job (`detco_jax.train`) runs through the same loop,
 data sources, augmentation, sharding and checkpoints.
 """
@@ -13,9 +14,11 @@ from detco_jax.methods import detco
 from detco_jax.methods import jigsaw_perm
 from detco_jax.methods import rel_patch
 from detco_jax.methods import rotation
+from detco_jax.methods import supervised
 
 METHODS = {m.name: m for m in (detco.METHOD, rotation.METHOD,
-                                jigsaw_perm.METHOD, rel_patch.METHOD)}
+                                jigsaw_perm.METHOD, rel_patch.METHOD,
+                                supervised.METHOD)}
 
 
 def get(config: ml_collections.ConfigDict) -> base.Method:

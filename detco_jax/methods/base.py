@@ -31,7 +31,8 @@ class Method:
     validate: `validate(config, num_devices, process_count)`; raises a
       ValueError that names the key and the fix.
     example_views: `example_views(config) -> (image, seed) -> dict`, the
-      host views of one example (`pipeline.ExampleViews`).
+      host views of one example (`pipeline.ExampleViews`), or a
+      `pipeline.LabelledViews` for a method that trains on the label.
     build: `build(config, mesh, init_rng) -> (state, step)`: the state,
       already sharded, and the jitted step. Every method's state has the
       fields `step`, `params` and `batch_stats`, with the ResNet under
@@ -42,7 +43,8 @@ class Method:
   """
   name: str
   validate: Callable[[Config, int, int], None]
-  example_views: Callable[[Config], pipeline.ExampleViews]
+  example_views: Callable[[Config], pipeline.ExampleViews
+                           | pipeline.LabelledViews]
   build: Callable[[Config, Mesh, jax.Array], tuple[Any, StepFn]]
   views_panel: Callable[[Config, dict[str, np.ndarray]], np.ndarray]
   console: Sequence[str] = ()

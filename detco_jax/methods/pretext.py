@@ -68,7 +68,9 @@ class Task:
     num_classes: `num_classes(config)`: classes of the label.
     input_shape: `input_shape(config) -> (m, n, s)`, see the module doc.
     example_views: `example_views(config) -> (image, seed) -> {"inputs":
-      uint8 [m, n, s, s, 3], "label": int32 [m]}` (tf graph code).
+      uint8 [m, n, s, s, 3], "label": int32 [m]}` (tf graph code); or a
+      `pipeline.LabelledViews` of `{"inputs"}` alone, m = 1, for a task
+      whose label is the dataset's (`supervised`).
     blur_side: `blur_side(config)`: the side, in pixels, of the image the
       inputs were cut from; blur is scaled to it, as for DetCo's patches.
     default_hidden: `default_hidden(config) -> (tile_hidden, hidden)`, the
@@ -79,7 +81,8 @@ class Task:
   name: str
   num_classes: Callable[[Config], int]
   input_shape: Callable[[Config], tuple[int, int, int]]
-  example_views: Callable[[Config], pipeline.ExampleViews]
+  example_views: Callable[[Config], pipeline.ExampleViews
+                           | pipeline.LabelledViews]
   blur_side: Callable[[Config], int]
   default_hidden: Callable[[Config], tuple[int, int]]
   validate: Callable[[Config], None] = lambda config: None
