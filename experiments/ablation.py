@@ -27,7 +27,8 @@ and, as the ceiling, the same network trained on the label
 
 then probes every backbone with the linear probe (top-1 per stage), the
 dense probe (mIoU per stage, 11 classes) and its foreground/background
-variant, and detection transfer (RetinaNet fine-tuned for
+variant, the attention job's object/background ratio per stage, and
+detection transfer (RetinaNet fine-tuned for
 `--detection_steps` steps on the built-in boxes: COCO AP and AP50; 0 leaves
 it out), and the untrained architecture as the floor, initialised with each
 seed. A pretext task's row also gives its own accuracy, over the last log
@@ -62,6 +63,7 @@ from configs import detco  # pylint: disable=g-import-not-at-top
 from configs import linear_probe  # pylint: disable=g-import-not-at-top
 from detco_jax import pretrained as detco_pretrained  # pylint: disable=g-import-not-at-top
 from detco_jax import train  # pylint: disable=g-import-not-at-top
+from detco_jax.eval import attention  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import dense  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import detection  # pylint: disable=g-import-not-at-top
 from detco_jax.eval import linear  # pylint: disable=g-import-not-at-top
@@ -90,12 +92,14 @@ FLOOR = "random init"
 # finished run that is reused trains no step and so logs nothing.
 LAST_WINDOW = "pretrain_last.json"
 DETECTION_METRICS = ("AP", "AP50")
-# The table's column groups: (figures key, header format, sub-keys).
+# The table's column groups: (figures key, header format, sub-keys, in %;
+# the attention ratios are shown as they are).
 COLUMNS = (
-    ("linear_top1", "linear {}", STAGES),
-    ("dense_miou", "mIoU {}", STAGES),
-    ("dense_fgbg_miou", "fg/bg {}", STAGES),
-    ("detection", "det {}", DETECTION_METRICS),
+    ("linear_top1", "linear {}", STAGES, True),
+    ("dense_miou", "mIoU {}", STAGES, True),
+    ("dense_fgbg_miou", "fg/bg {}", STAGES, True),
+    ("detection", "det {}", DETECTION_METRICS, True),
+    ("attention", "attn {}", STAGES, False),
 )
 # The measures each method is compared on with the baseline (`contrasts`):
 # the paper's two protocols, linear classification on the last stage and
@@ -175,6 +179,43 @@ def run_probe(job: Any, config: Any, workdir: str) -> dict[str, Any]:
   return job.run(config, workdir)
 
 
+# Test images of the object/background attention ratio (the attention job's).
+ATTENTION_IMAGES = 500
+
+
+def attention_ratios(pretrained: str, workdir: str, seed: int,
+                     random_init: bool = False) -> dict[str, float]:
+  """The backbone's object/background attention ratio per stage.
+
+  The attention job's measure (`eval.attention.stage_ratios`, over the
+  first `ATTENTION_IMAGES` test images); the untrained backbone is its
+  floor, `pretrained.random_init` with `seed`. Kept in
+  `<workdir>/attention_ratio.json` and read back from there.
+
+  Args:
+    pretrained: the pretraining workdir (its architecture for the floor).
+    workdir: where the ratios are kept.
+    seed: the floor's initialisation seed.
+    random_init: measure the untrained backbone.
+
+  Returns:
+    {stage: ratio}.
+  """
+  path = os.path.join(workdir, attention.RATIO_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)["ratios"]
+  config = detco_pretrained.load_config(pretrained)
+  backbone = (detco_pretrained.random_init(config, seed) if random_init
+              else detco_pretrained.load(pretrained))
+  images, masks = attention.load_masked_images(config, None, ATTENTION_IMAGES)
+  ratios = attention.stage_ratios(backbone, images, masks)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"images": len(images), "ratios": ratios}, f)
+  return ratios
+
+
 def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,
           detection_steps: int = 0) -> dict[str, dict[str, float]]:
   """Linear top-1 and dense mIoU per stage (and detection AP) of a backbone.
@@ -188,8 +229,8 @@ def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,
 
   Returns:
     {"linear_top1": {stage: value}, "dense_miou": {stage: value},
-    "dense_fgbg_miou": {stage: value}}, and "detection": {"AP": value,
-    "AP50": value} with detection.
+    "dense_fgbg_miou": {stage: value}, "attention": {stage: ratio}}, and
+    "detection": {"AP": value, "AP50": value} with detection.
   """
   lin = run_probe(linear, linear_config(pretrained, seed, random_init),
                   os.path.join(workdir, "linear"))
@@ -201,7 +242,9 @@ def probe(pretrained: str, workdir: str, seed: int, random_init: bool = False,
   figures = {"linear_top1": {s: lin["stages"][s]["top1"] for s in STAGES},
              "dense_miou": {s: den["stages"][s]["miou"] for s in STAGES},
              "dense_fgbg_miou": {s: fgbg["stages"][s]["miou"]
-                                 for s in STAGES}}
+                                 for s in STAGES},
+             "attention": attention_ratios(pretrained, workdir, seed,
+                                           random_init)}
   if detection_steps > 0:
     det = run_probe(
         detection, detection_transfer_config(pretrained, seed,
@@ -294,8 +337,8 @@ def run_all(workdir: str, seeds: list[int], scale: str,
 
 
 def table(results: dict[str, Any]) -> str:
-  """The Markdown table of every method, in %: mean ± standard deviation
-  over the seeds.
+  """The Markdown table of every method: mean ± standard deviation over
+  the seeds, in % (the attention ratios as they are).
 
   A column group (`COLUMNS`) is shown when every run has it, so the table of
   an older workdir (no fg/bg probe, no detection) still reads; the pretext
@@ -309,16 +352,15 @@ def table(results: dict[str, Any]) -> str:
   """
   runs = results["runs"]
   every = [f for figures in runs.values() for f in figures]
-  groups = [(key, head, subs) for key, head, subs in COLUMNS
-            if all(key in f for f in every)]
+  groups = [group for group in COLUMNS if all(group[0] in f for f in every)]
   with_pretext = any("pretext_acc" in f for f in every)
-  heads = [head.format(sub) for _, head, subs in groups for sub in subs]
+  heads = [head.format(sub) for _, head, subs, _ in groups for sub in subs]
   heads += ["pretext acc"] if with_pretext else []
   lines = ["| method | " + " | ".join(heads) + " |",
            "|---" * (1 + len(heads)) + "|"]
   for label, figures in runs.items():
-    cells = [tables.cell([f[key][sub] for f in figures], "std")
-             for key, _, subs in groups for sub in subs]
+    cells = [tables.cell([f[key][sub] for f in figures], "std", percent)
+             for key, _, subs, percent in groups for sub in subs]
     if with_pretext:
       accuracies = [f["pretext_acc"] for f in figures if "pretext_acc" in f]
       cells.append(tables.cell(accuracies, "std") if accuracies else "—")

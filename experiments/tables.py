@@ -7,16 +7,18 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def mean_half_range(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and half the range of fractions, in percent."""
-  values = 100 * np.asarray(values, np.float64)
+def mean_half_range(values: Sequence[float],
+                    scale: float = 100.0) -> tuple[float, float]:
+  """Mean and half the range of `values` x `scale` (fractions in percent)."""
+  values = scale * np.asarray(values, np.float64)
   return float(values.mean()), float((values.max() - values.min()) / 2)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (n - 1) of fractions, in percent;
-  the deviation of one value is 0."""
-  values = 100 * np.asarray(values, np.float64)
+def mean_std(values: Sequence[float],
+             scale: float = 100.0) -> tuple[float, float]:
+  """Mean and sample standard deviation (n - 1) of `values` x `scale`
+  (fractions in percent); the deviation of one value is 0."""
+  values = scale * np.asarray(values, np.float64)
   std = values.std(ddof=1) if len(values) > 1 else 0.0
   return float(values.mean()), float(std)
 
@@ -24,18 +26,24 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 SPREADS = {"half_range": mean_half_range, "std": mean_std}
 
 
-def cell(values: Sequence[float], spread: str = "half_range") -> str:
-  """A table cell: "mean ± spread" in percent, or the one value.
+def cell(values: Sequence[float], spread: str = "half_range",
+         percent: bool = True) -> str:
+  """A table cell: "mean ± spread", or the one value.
 
   Args:
-    values: the seeds' figures, as fractions.
+    values: the seeds' figures.
     spread: "half_range" or "std" (the sample standard deviation).
+    percent: fractions shown in percent with one decimal; False: the
+      values as they are (ratios), two decimals.
 
   Returns:
-    The cell's text, one decimal.
+    The cell's text.
   """
-  mean, deviation = SPREADS[spread](values)
-  return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {deviation:.1f}"
+  mean, deviation = SPREADS[spread](values, 100.0 if percent else 1.0)
+  digits = 1 if percent else 2
+  if len(values) == 1:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {deviation:.{digits}f}"
 
 
 def write_summary(workdir: str, name: str, summary: str,

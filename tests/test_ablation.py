@@ -158,3 +158,39 @@ def test_a_finished_probe_is_read_back_not_run_again(tmp_path):
   config.random_init = True
   assert ablation.run_probe(FakeProbe, config, workdir)["random_init"]
   assert len(calls) == 2
+
+
+def test_attention_column_is_the_attention_job_ratio(tiny_pretrain_workdir,
+                                                     builtin_data_dir,
+                                                     tmp_path):
+  ablation = load_script()
+  from detco_jax.eval import attention  # pylint: disable=g-import-not-at-top
+  job = attention.run([f"run:{tiny_pretrain_workdir}", "floor:random"],
+                      str(tmp_path / "job"), num_images=2,
+                      data_dir=builtin_data_dir, seed=3)["ratios"]
+  # The tiny run's config names its own data dir, so no override is needed.
+  ratios = ablation.attention_ratios(tiny_pretrain_workdir,
+                                     str(tmp_path / "run"), seed=3)
+  floor = ablation.attention_ratios(tiny_pretrain_workdir,
+                                    str(tmp_path / "floor"), seed=3,
+                                    random_init=True)
+  for got, want in ((ratios, job["run"]), (floor, job["floor"])):
+    assert set(got) == set(ablation.STAGES)
+    np.testing.assert_allclose([got[s] for s in ablation.STAGES],
+                               [want[s] for s in ablation.STAGES], rtol=1e-5)
+  assert ratios != floor
+  # Kept beside the run and read back, not measured again.
+  path = tmp_path / "run" / attention.RATIO_FILE
+  path.write_text(json.dumps({"images": 1, "ratios": {"res2": 9.0}}))
+  assert ablation.attention_ratios(tiny_pretrain_workdir,
+                                   str(tmp_path / "run"), seed=3) == {
+                                       "res2": 9.0}
+
+
+def test_attention_ratios_show_as_ratios_not_percent():
+  ablation = load_script()
+  per_stage = lambda v: {s: v for s in ablation.STAGES}
+  run = lambda r: {"linear_top1": per_stage(0.1), "attention": per_stage(r)}
+  lines = ablation.table({"runs": {"DetCo": [run(1.0), run(1.2)]}}).splitlines()
+  assert lines[0].endswith("| attn res2 | attn res3 | attn res4 | attn res5 |")
+  assert lines[2].endswith("| 1.10 ± 0.14 |")
