@@ -325,10 +325,13 @@ def run_all(workdir: str, seeds: list[int], scale: str,
       seconds.setdefault(label, []).append(time.time() - start)
       print(f"{label} seed {seed}: {json.dumps(figures)}", flush=True)
     start = time.time()
-    # The floor reads its architecture from the seed's last pretraining.
-    last_run = os.path.join(workdir, f"{methods[-1][1] or 'detco'}_seed{seed}",
-                            "pretrain")
-    figures = probe(last_run, os.path.join(workdir, f"random_init_seed{seed}"),
+    # The floor reads its architecture from the seed's last pretraining,
+    # and its probes' workdirs name that run: the probes refuse a workdir
+    # made from another run, which another `--methods` may have left.
+    source = methods[-1][1] or "detco"
+    last_run = os.path.join(workdir, f"{source}_seed{seed}", "pretrain")
+    figures = probe(last_run,
+                    os.path.join(workdir, f"random_init_{source}_seed{seed}"),
                     seed, random_init=True, detection_steps=detection_steps)
     runs.setdefault(FLOOR, []).append(figures)
     seconds.setdefault(FLOOR, []).append(time.time() - start)

@@ -107,9 +107,9 @@ def test_seeds_run_one_after_another_each_with_its_own_floor(monkeypatch,
   assert [c[:2] for c in calls[:5]] == [
       ("pretrain", "mocov2_seed0"), ("probe", "mocov2_seed0"),
       ("pretrain", "supervised_seed0"), ("probe", "supervised_seed0"),
-      ("probe", "random_init_seed0")]
-  assert calls[4] == ("probe", "random_init_seed0", 0, True)
-  assert calls[9] == ("probe", "random_init_seed1", 1, True)
+      ("probe", "random_init_supervised_seed0")]
+  assert calls[4] == ("probe", "random_init_supervised_seed0", 0, True)
+  assert calls[9] == ("probe", "random_init_supervised_seed1", 1, True)
   assert list(results["runs"]) == ["MoCo v2", "supervised", "random init"]
   assert len(results["runs"]["random init"]) == 2
 
