@@ -402,18 +402,19 @@ def contrasts(results: dict[str, Any], baseline: str = "MoCo v2") -> str:
     if not all(measure.split("/")[0] in f for figures in runs.values()
                for f in figures):
       continue
-    base = 100 * np.array([summary_figure(f, measure) for f in runs[baseline]])
+    base = [summary_figure(f, measure) for f in runs[baseline]]
+    base_mean, base_std = tables.mean_std(base)
     for label, figures in runs.items():
       if label == baseline:
         continue
-      other = 100 * np.array([summary_figure(f, measure) for f in figures])
-      delta = other.mean() - base.mean()
+      other = [summary_figure(f, measure) for f in figures]
+      other_mean, other_std = tables.mean_std(other)
+      delta = other_mean - base_mean
       if min(len(base), len(other)) < 2:
         lines.append(f"{name}: {label} - {baseline} = {delta:+.1f} "
                      f"(one seed: not judged)")
         continue
-      se = np.sqrt(base.var(ddof=1) / len(base)
-                   + other.var(ddof=1) / len(other))
+      se = np.sqrt(base_std**2 / len(base) + other_std**2 / len(other))
       verdict = "beyond" if abs(delta) > 2 * se else "within"
       lines.append(f"{name}: {label} - {baseline} = {delta:+.1f} ± {se:.1f} "
                    f"(standard error; {verdict} the seed spread)")

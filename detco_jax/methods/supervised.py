@@ -41,11 +41,11 @@ def num_classes(config: pretext.Config) -> int:
 
 def validate(config: pretext.Config) -> None:
   """The dataset has labels."""
-  if num_classes(config) < 2:
+  classes = num_classes(config)
+  if classes < 2:
     raise ValueError(
         f"Bad config: method='supervised' needs a labelled dataset; "
-        f"data.dataset={config.data.dataset!r} has "
-        f"{num_classes(config)} classes.")
+        f"data.dataset={config.data.dataset!r} has {classes} classes.")
 
 
 TASK = pretext.Task(
