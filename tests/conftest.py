@@ -18,6 +18,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+# A test whose xdist worker dies (a native crash) runs once more in a new
+# worker, and the crash is listed at the end; see tests/crash_rerun.py.
+pytest_plugins = ["tests.crash_rerun"]
+
 
 @pytest.fixture(scope="session")
 def builtin_data_dir(tmp_path_factory) -> str:
