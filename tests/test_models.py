@@ -90,6 +90,28 @@ def test_group_batch_norm_eval_uses_running_stats_and_checks_batch():
              mutable=["batch_stats"])
 
 
+def test_frozen_bn_stages_normalise_with_running_statistics_in_training():
+  """frozen_bn_stages=2 (the stem and res2): in training, those stages give
+  their evaluation-mode maps and keep their statistics; res3 on does not."""
+  model = resnet.ResNet(depth=10, width=8, stem="cifar", frozen_bn_stages=2)
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  # Running statistics that batch statistics would not reproduce.
+  variables = {"params": variables["params"], "batch_stats": jax.tree.map(
+      lambda v: v + 0.5, variables["batch_stats"])}
+  trained, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  evaluated = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(trained["res2"], evaluated["res2"], rtol=1e-5,
+                             atol=1e-6)
+  for stage in ("res3", "res4", "res5"):
+    assert not np.allclose(trained[stage], evaluated[stage], atol=1e-3), stage
+  for top, stats in new["batch_stats"].items():
+    frozen = top == "bn1" or top.startswith("layer1_")
+    same = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(stats), jax.tree.leaves(variables["batch_stats"][top])))
+    assert same == frozen, top
+
+
 def test_jigsaw_head_concatenates_patches_in_order():
   head = heads.JigsawHead(hidden=16, out=8)
   rng = np.random.default_rng(0)

@@ -207,6 +207,20 @@ def test_frozen_stages_get_no_gradient(variables, frozen_stages):
       assert np.any(g), name
 
 
+@pytest.mark.parametrize("frozen_stages", [0, 2, 5])
+def test_frozen_stages_keep_their_bn_statistics_under_sync_bn(variables,
+                                                              frozen_stages):
+  """As detectron2's FrozenBN in frozen stages: SyncBN moves the running
+  statistics of the trained stages only."""
+  _, stats = train_step(tiny(frozen_stages=frozen_stages), variables,
+                        images())
+  old = leaves(variables["batch_stats"])
+  assert len(old) > 10
+  for name in old:
+    unchanged = np.array_equal(stats[name], old[name])
+    assert unchanged == (stage_of(name) <= frozen_stages), name
+
+
 @pytest.mark.parametrize("backbone_bn", ["frozen", "sync"])
 def test_backbone_batch_norm(variables, backbone_bn):
   grads, stats = train_step(tiny(backbone_bn=backbone_bn), variables,

@@ -175,6 +175,10 @@ class ResNet(nn.Module):
     remat: rematerialise each residual block in the backward pass.
     bn_momentum: decay of the BN running averages in training (0.0 makes
       them the last batch's statistics, which BN calibration uses).
+    frozen_bn_stages: a FREEZE_AT-style prefix (1 the stem, 2 the stem and
+      res2, ..., 5 every stage) whose BN normalises with its running
+      statistics even in training and never updates them: detectron2's
+      FrozenBatchNorm in the frozen stages of a fine-tune. 0: none.
   """
   depth: int = 50
   width: int = 64
@@ -183,6 +187,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   bn_momentum: float = 0.9
+  frozen_bn_stages: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool,
@@ -204,18 +209,23 @@ class ResNet(nn.Module):
     block_cls, sizes = ARCHS[self.depth]
     if self.remat:
       block_cls = nn.remat(block_cls)
-    norm = functools.partial(GroupBatchNorm, groups=self.bn_groups,
-                             momentum=self.bn_momentum, dtype=self.dtype,
-                             use_running_average=not train,
-                             accumulate=accumulate_stats)
+
+    def norm(level: int) -> Callable[..., nn.Module]:
+      """The BN of FREEZE_AT level `level` (1 the stem, 2..5 res2..res5)."""
+      return functools.partial(
+          GroupBatchNorm, groups=self.bn_groups, momentum=self.bn_momentum,
+          dtype=self.dtype,
+          use_running_average=not train or level <= self.frozen_bn_stages,
+          accumulate=accumulate_stats)
+
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
       x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
-      x = nn.relu(norm(name="bn1")(x))
+      x = nn.relu(norm(1)(name="bn1")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == "cifar":
       x = _conv(self.width, 3, 1, "conv1", self.dtype)(x)
-      x = nn.relu(norm(name="bn1")(x))
+      x = nn.relu(norm(1)(name="bn1")(x))
     else:
       raise ValueError(f"model.stem must be 'imagenet' or 'cifar', got "
                        f"{self.stem!r}.")
@@ -223,7 +233,7 @@ class ResNet(nn.Module):
     for i, (stage, n_blocks) in enumerate(zip(STAGES, sizes)):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(self.width * 2**i, strides, norm, self.dtype,
+        x = block_cls(self.width * 2**i, strides, norm(i + 2), self.dtype,
                       name=f"layer{i + 1}_{j}")(x)
       outputs[stage] = x
     return outputs

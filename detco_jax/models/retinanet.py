@@ -258,7 +258,10 @@ class RetinaNet(nn.Module):
       scale and bias get no gradient (detectron2's FrozenBN).
     frozen_stages: detectron2's FREEZE_AT: 0 trains the whole backbone,
       1 freezes the stem, 2 the stem and res2, ..., 5 every stage. Frozen
-      parameters get no gradient (their BN still follows `backbone_bn`).
+      parameters get no gradient, and the frozen stages' BN always
+      normalises with its running statistics, which stay as pretrained
+      (detectron2 turns a frozen stage's BN into FrozenBN, whatever
+      `backbone_bn` says).
   """
   num_classes: int
   depth: int = 50
@@ -297,6 +300,7 @@ class RetinaNet(nn.Module):
     levels = check_levels(self.levels, self.extra_levels)
     backbone = resnet.ResNet(depth=self.depth, width=self.width,
                              stem=self.stem, bn_groups=1, dtype=self.dtype,
+                             frozen_bn_stages=self.frozen_stages,
                              name=BACKBONE)
     # The ResNet reads its params through this map, so freezing changes no
     # variable name. Frozen params become constants to autodiff, and since
