@@ -46,13 +46,24 @@ def run_pytest(tmp_path, *selected):
   return done.returncode, done.stdout + done.stderr
 
 
+def section(out):
+  """The "worker crashes" part of a run's output, up to the next section."""
+  assert "= worker crashes =" in out, out
+  rest = out.split("= worker crashes =", 1)[1]
+  return rest.split("short test summary info", 1)[0]
+
+
 def test_a_test_that_crashes_once_passes_on_its_rerun_and_is_listed(tmp_path):
   rc, out = run_pytest(tmp_path, "test_crashes_once")
   assert rc == 0, out
   assert re.search(r"1 passed, 1 crashed and rerun", out), out
-  assert "worker crashes" in out
-  assert re.search(r"test_cases.py::test_crashes_once: worker 'gw0' crashed",
-                   out), out
+  crashes = section(out)
+  assert ("test_cases.py::test_crashes_once: worker 'gw0' died (rerun in a "
+          "new worker)") in crashes
+  # The dump says where the worker died, without the runner's own frames.
+  assert re.search(r'test_cases\.py", line \d+ in test_crashes_once', crashes)
+  assert "Fatal Python error: Aborted" in crashes
+  assert "/_pytest/" not in crashes and "/xdist/" not in crashes
 
 
 def test_a_test_that_crashes_every_time_fails_after_one_rerun(tmp_path):
@@ -63,6 +74,10 @@ def test_a_test_that_crashes_every_time_fails_after_one_rerun(tmp_path):
   assert re.search(r"worker 'gw1' crashed while running "
                    r"'test_cases.py::test_crashes_always'", out), out
   assert "FAILED test_cases.py::test_crashes_always - worker" in out
+  crashes = section(out)
+  assert "worker 'gw0' died (rerun in a new worker)" in crashes
+  assert "worker 'gw1' died (failed: it crashed 2 times)" in crashes
+  assert len(re.findall(r"line \d+ in test_crashes_always", crashes)) == 2
 
 
 def test_an_ordinary_failure_is_never_rerun(tmp_path):
