@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import faulthandler
 import os
+import shutil
 import tempfile
 from typing import IO, Optional
 
@@ -81,6 +82,13 @@ def pytest_configure(config: pytest.Config) -> None:
     path = os.path.join(folder, f"{workerinput['workerid']}.txt")
     _dump_file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
     faulthandler.enable(file=_dump_file, all_threads=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  """The controller removes the dump folder of a run in which no worker died
+  (the workers have ended by now); a crash's dumps are kept."""
+  if getattr(config, "workerinput", None) is None and not _crashes:
+    shutil.rmtree(os.environ.get(DUMPS_ENV, ""), ignore_errors=True)
 
 
 def read_dump(worker: str) -> str:

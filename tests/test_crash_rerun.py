@@ -35,8 +35,9 @@ def test_fails():
 def run_pytest(tmp_path, *selected):
   """Runs the cases with the policy as a plugin; returns (rc, output)."""
   (tmp_path / "test_cases.py").write_text(CASES)
+  (tmp_path / "tmp").mkdir(exist_ok=True)
   env = dict(os.environ, CRASH_MARK=str(tmp_path / "mark"),
-             FAIL_LOG=str(tmp_path / "fail.log"),
+             FAIL_LOG=str(tmp_path / "fail.log"), TMPDIR=str(tmp_path / "tmp"),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   command = [sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider",
              "-p", "tests.crash_rerun", "--rootdir", str(tmp_path)]
@@ -64,6 +65,9 @@ def test_a_test_that_crashes_once_passes_on_its_rerun_and_is_listed(tmp_path):
   assert re.search(r'test_cases\.py", line \d+ in test_crashes_once', crashes)
   assert "Fatal Python error: Aborted" in crashes
   assert "/_pytest/" not in crashes and "/xdist/" not in crashes
+  # The crash's dumps are kept, one file per worker that ran.
+  kept = [p.name for p in (tmp_path / "tmp").glob("pytest-crash-dumps-*/*")]
+  assert sorted(kept) == ["gw0.txt", "gw1.txt"], kept
 
 
 def test_a_test_that_crashes_every_time_fails_after_one_rerun(tmp_path):
@@ -86,6 +90,9 @@ def test_an_ordinary_failure_is_never_rerun(tmp_path):
   assert re.search(r"1 failed in", out), out
   assert "crashed" not in out
   assert (tmp_path / "fail.log").read_text() == "ran\n"
+  # No worker died: the dump folder is gone.
+  assert not list((tmp_path / "tmp").glob("pytest-crash-dumps-*")), list(
+      (tmp_path / "tmp").iterdir())
 
 
 def test_the_suite_runs_under_the_policy(pytestconfig):
