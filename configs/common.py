@@ -1,7 +1,7 @@
 r"""What the experiment configs share: the config-string parser and blocks.
 
 A config string is what follows the colon in `--config=FILE:ARG`. It is a
-comma-separated list of items applied left to right, each either
+comma-separated set of items, each either
 
   a variant    a name (`demo`, `mocov2`): a named change of the config;
   an argument  `name=value` (`epochs=3`, `seed=1`): a typed setting.
@@ -13,18 +13,22 @@ A value takes the type of its argument's default: an int argument rejects
 and a bool one takes true/false, yes/no, on/off or 1/0 in any case. An
 argument without a default takes the type its literal spells (`3` an int,
 `0.5` a float, `true` a bool, anything else a str). A value cannot hold a
-comma. Items apply in order, so `demo,epochs=3` is the demo for 3 epochs
-while `epochs=3,demo` is the demo's own 8: the variant sets the epochs after
-the argument did. `--config.KEY=VALUE` overrides still apply after all of
-them.
+comma.
+
+The order of the items does not matter: the variants apply in the order
+their config file declares them (scale variants such as `demo` first), and
+the arguments after all variants, so `demo,epochs=3` and `epochs=3,demo`
+are the same config (the demo for 3 epochs). An item given twice is an
+error. `--config.KEY=VALUE` overrides apply after the whole string.
 
 Each config file declares the variants and arguments it accepts and makes
 its `get_config` with `make_get_config`; anything else in its string is a
-`ValueError` that lists the choices.
+`ValueError` that names the closest choice.
 """
 
 import ast
 import dataclasses
+import difflib
 from typing import Any, Callable, Collection, Mapping
 
 import ml_collections
@@ -129,51 +133,71 @@ def convert(name: str, text: str, default: Any = None) -> Any:
                      f"values, got {text!r}.") from None
 
 
+def suggest(name: str, choices: Collection[str]) -> str:
+  """`; did you mean 'x'?` for the choice closest to `name`, or "".
+
+  Args:
+    name: what the user wrote.
+    choices: the accepted names.
+
+  Returns:
+    The hint, to append to an error message.
+  """
+  close = difflib.get_close_matches(name, [str(c) for c in choices], n=1)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_arg(arg: str | None, *, variants: Collection[str] = (),
               defaults: Mapping[str, Any] | None = None
               ) -> list[tuple[str, Any]]:
-  """Splits a config string into its variants and typed arguments, in order.
+  """Splits a config string into its variants and typed arguments.
 
-  E.g. `parse_arg("demo,epochs=3", variants=["demo"], defaults={"epochs":
+  E.g. `parse_arg("epochs=3,demo", variants=["demo"], defaults={"epochs":
   200})` is `[("demo", True), ("epochs", 3)]`.
 
   Args:
     arg: the config string (`--config=FILE:ARG`'s ARG); None or "" for none.
-    variants: the accepted variant names.
+    variants: the accepted variant names, in the order they apply.
     defaults: the accepted argument names, each with the default that types
       it (None: typed by its literal; see `convert`).
 
   Returns:
-    `(name, value)` per item, in the string's order: True for a variant,
-    the typed value for an argument.
+    `(name, value)` per item, in the order they apply whatever the string's
+    order: the variants in the order of `variants` (True for each), then
+    the arguments with their typed values.
 
   Raises:
-    ValueError: an unknown name, a variant given a value, an argument
-      without one, or a value not of its argument's type.
+    ValueError: an unknown name, a name given twice, a variant given a
+      value, an argument without one, or a value not of its argument's
+      type.
   """
   defaults = defaults or {}
-  items = []
+  given, values = set(), {}
   for item in filter(None, (part.strip() for part in (arg or "").split(","))):
     name, has_value, text = (part.strip() for part in item.partition("="))
+    if name in given:
+      raise ValueError(f"Config item {name!r} is given twice in {arg!r}.")
+    given.add(name)
     if not has_value:
       if name in defaults:
         raise ValueError(f"Config argument {name!r} needs a value: "
                          f"{name}=VALUE.")
       if name not in variants:
-        hint = (f" (arguments, as name=value: {sorted(defaults)})"
-                if defaults else "")
-        raise ValueError(f"Unknown config variant {name!r}; choose from "
-                         f"{sorted(variants)}{hint}.")
-      items.append((name, True))
+        raise ValueError(
+            f"unknown config variant {name!r}{suggest(name, variants)} "
+            f"(variants: {', '.join(variants)}; arguments, as name=value: "
+            f"{', '.join(defaults)})")
     elif name in defaults:
-      items.append((name, convert(name, text, defaults[name])))
+      values[name] = convert(name, text, defaults[name])
     elif name in variants:
       raise ValueError(f"Config variant {name!r} takes no value; write it "
                        f"alone: {name}.")
     else:
-      raise ValueError(f"Unknown config argument {name!r}; choose from "
-                       f"{sorted(defaults)}.")
-  return items
+      raise ValueError(
+          f"unknown config argument {name!r}{suggest(name, defaults)} "
+          f"(arguments: {', '.join(defaults)})")
+  return ([(name, True) for name in variants if name in given]
+          + [(name, values[name]) for name in defaults if name in values])
 
 
 def run_arguments(**more: Argument) -> dict[str, Argument]:
@@ -213,7 +237,8 @@ def make_get_config(base_config: Callable[[], ConfigDict],
 
   Returns:
     `get_config(arg)`: `base_config()` with the items of config string
-    `arg` applied left to right (see `parse_arg`).
+    `arg` applied, variants in the order of `variants`, then the arguments
+    (see `parse_arg`).
 
   Raises:
     ValueError: a name is both a variant and an argument.
@@ -241,7 +266,8 @@ def make_get_config(base_config: Callable[[], ConfigDict],
     return config
 
   get_config.__doc__ = (
-      "Returns the config with the config string's items applied in order.\n\n"
+      "Returns the config with the config string's items applied: the\n"
+      "variants in their declared order, then the arguments.\n\n"
       f"Variants: {', '.join(variants) or 'none'}. Arguments (name=value): "
       f"{', '.join(arguments) or 'none'}.")
   return get_config

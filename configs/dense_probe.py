@@ -38,7 +38,7 @@ Variants (`--config=configs/dense_probe.py:VARIANT`):
              the mIoU says whether a stage separates objects from
              background, whatever their class.
 
-Arguments (`name=value` after the variants, configs/common.py):
+Arguments (`name=value`, in any order with the variants; configs/common.py):
 
   epochs=N   train N epochs (`num_epochs`; the cosine decay follows), e.g.
              `--config=configs/dense_probe.py:demo,epochs=4`.

@@ -14,8 +14,10 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
                 8 epochs; 25 to 36 minutes on a 2-core CPU, after which its
                 linear probe beats the untrained network's (README.md has
                 the measured figures).
-  tiny          a few-step smoke configuration for tests (32 px, ResNet-10
-                of width 8).
+  tiny          a few-step configuration for tests (32 px, ResNet-10 of
+                width 8).
+  smoke         the README's one-minute check: `tiny` for 24 steps, with
+                checkpoints, the views picture and the kNN monitor.
   ablation      the demo for 3 epochs: the scale of the README's ablation
                 table (experiments/ablation.py).
   800ep         the paper's 800-epoch schedule.
@@ -25,8 +27,8 @@ Variants, chosen with `--config=configs/detco.py:VARIANT[,VARIANT...]`:
   mocov2        the MoCo v2 baseline (Res5, g<->g); see configs/mocov2.py.
 
 The classic pretext tasks, as methods beside DetCo (`method`; same backbone,
-data, augmentation, loop and probes; detco_jax/methods/). Put them after a
-scale variant, e.g. `--config=configs/detco.py:demo,rotation`:
+data, augmentation, loop and probes; detco_jax/methods/), e.g.
+`--config=configs/detco.py:demo,rotation`:
 
   rotation      predict 0/90/180/270 degrees (Gidaris et al. 2018), every
                 angle of each image (`pretext.angles="random"`: one).
@@ -45,7 +47,8 @@ Arguments, typed `name=value` items in the same list (configs/common.py):
                 3 epochs.
   seed=N        the run's seed (`seed`), e.g. `ablation,mocov2,seed=1`.
 
-Items apply left to right: put arguments after the variants they adjust.
+The order of the items does not matter (configs/common.py): variants apply
+in the order listed above, arguments after them.
 Any value can be overridden on the command line, e.g. `--config.batch_size=512`.
 """
 
@@ -221,6 +224,20 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.knn.every_steps = 0
 
 
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  """`tiny` for 24 steps with every output a real run has: about a minute.
+
+  Checkpoints at steps 12 and 24, the kNN monitor at both, a log line every
+  4 steps and the picture of one sample's views.
+  """
+  _tiny(c)
+  c.total_steps = 24
+  c.log_every = 4
+  c.checkpoint_every = 12
+  c.knn.every_steps = 12
+  c.write_views_image = True
+
+
 def _ablation(c: ml_collections.ConfigDict) -> None:
   """The demo for 3 epochs: the README's ablation scale.
 
@@ -288,6 +305,7 @@ def _supervised(c: ml_collections.ConfigDict) -> None:
 VARIANTS = {
     "demo": _demo,
     "tiny": _tiny,
+    "smoke": _smoke,
     "ablation": _ablation,
     "800ep": _800ep,
     "aa": _aa,

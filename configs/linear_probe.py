@@ -21,7 +21,7 @@ Variants (`--config=configs/linear_probe.py:VARIANT`):
          features with lr 0.5, a few minutes on a 2-core CPU.
   tiny   a few steps at 32 px for tests.
 
-Arguments (`name=value` after the variants, configs/common.py):
+Arguments (`name=value`, in any order with the variants; configs/common.py):
 
   epochs=N  train N epochs with the decay milestones at the same fractions
             of the schedule (60% and 80%), e.g.

@@ -88,12 +88,18 @@ def test_values_of_the_wrong_type_are_errors(arg, message):
 def test_unknown_names_are_errors_listing_the_choices():
   spec = dict(variants=["demo", "tiny"], defaults=dict(seed=0, epochs=1))
   with pytest.raises(ValueError, match=re.escape(
-      "Unknown config variant 'nope'; choose from ['demo', 'tiny'] "
-      "(arguments, as name=value: ['epochs', 'seed'])")):
+      "unknown config variant 'nope' (variants: demo, tiny; arguments, as "
+      "name=value: seed, epochs)")):
     common.parse_arg("demo,nope", **spec)
   with pytest.raises(ValueError, match=re.escape(
-      "Unknown config argument 'lr'; choose from ['epochs', 'seed']")):
+      "unknown config variant 'dmeo'; did you mean 'demo'? (variants:")):
+    common.parse_arg("dmeo", **spec)
+  with pytest.raises(ValueError, match=re.escape(
+      "unknown config argument 'lr' (arguments: seed, epochs)")):
     common.parse_arg("lr=3", **spec)
+  with pytest.raises(ValueError, match=re.escape(
+      "unknown config argument 'sed'; did you mean 'seed'?")):
+    common.parse_arg("sed=3", **spec)
   with pytest.raises(ValueError, match="'seed' needs a value: seed=VALUE"):
     common.parse_arg("seed", **spec)
   with pytest.raises(ValueError, match="variant 'demo' takes no value"):
@@ -106,11 +112,24 @@ def test_blanks_and_empty_items_are_ignored():
                           defaults={"seed": 0}) == [("demo", True), ("seed", 2)]
 
 
-def test_items_apply_in_order():
+def test_the_order_of_items_does_not_matter():
   assert detco_config.get_config("demo,epochs=3").num_epochs == 3
-  assert detco_config.get_config("epochs=3,demo").num_epochs == 8
-  c = detco_config.get_config("ablation,seed=4,mocov2,seed=5")
+  assert detco_config.get_config("epochs=3,demo").num_epochs == 3
+  # Variants apply in their declared order, scale variants first.
+  assert (detco_config.get_config("rotation,demo").to_dict()
+          == detco_config.get_config("demo,rotation").to_dict())
+  c = detco_config.get_config("seed=5,mocov2,ablation")
   assert (c.seed, c.num_epochs, c.loss.multi_level) == (5, 3, False)
+  assert common.parse_arg("seed=1,b,a", variants=["a", "b"],
+                          defaults={"seed": 0}) == [
+                              ("a", True), ("b", True), ("seed", 1)]
+
+
+def test_an_item_given_twice_is_an_error():
+  with pytest.raises(ValueError, match="'seed' is given twice"):
+    detco_config.get_config("ablation,seed=4,mocov2,seed=5")
+  with pytest.raises(ValueError, match="'demo' is given twice"):
+    detco_config.get_config("demo,demo")
 
 
 def test_a_bad_item_fails_before_any_variant_runs():
@@ -167,7 +186,7 @@ def test_every_file_takes_epochs_and_seed(name):
 def test_detection_takes_steps_and_seed():
   config = load_config_file("detection", "demo,steps=40,seed=3")
   assert (config.total_steps, config.seed) == (40, 3)
-  with pytest.raises(Exception, match="Unknown config argument 'epochs'"):
+  with pytest.raises(Exception, match="unknown config argument 'epochs'"):
     load_config_file("detection", "demo,epochs=2")
 
 
@@ -238,12 +257,12 @@ def test_mocov2_is_detco_with_the_mocov2_variant(arg):
 
 
 def test_unknown_variant_is_an_error():
-  with pytest.raises(ValueError, match="Unknown config variant 'nope'"):
+  with pytest.raises(ValueError, match="unknown config variant 'nope'"):
     detco_config.get_config("nope")
   # Through the flag, as the command line reports it.
   with pytest.raises(flags.IllegalFlagValueError,
-                     match=r"Unknown config argument 'x'; "
-                           r"choose from \['epochs', 'seed'\]"):
+                     match=r"unknown config argument 'x' "
+                           r"\(arguments: epochs, seed\)"):
     load_config_file("dense_probe", "demo,x=1")
 
 
