@@ -9,7 +9,6 @@ import glob
 import importlib.util
 import os
 
-import jax
 from absl import flags
 from absl import logging
 
@@ -27,6 +26,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 
 def initialize() -> None:
   """Starts the multi-controller runtime when the run spans processes."""
+  import jax  # pylint: disable=g-import-not-at-top  # After the flags parse.
   explicit = _COORDINATOR.value is not None
   if _DISTRIBUTED.value == "off":
     return
@@ -68,6 +68,7 @@ def cluster_detected(dev: str = "/dev") -> bool:
 
 def log_devices() -> None:
   """Logs this process's place in the run and its devices."""
+  import jax  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d of %d; %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
