@@ -6,6 +6,7 @@ import os
 
 import ml_collections
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,6 +161,7 @@ def test_a_finished_probe_is_read_back_not_run_again(tmp_path):
   assert len(calls) == 2
 
 
+@pytest.mark.long
 def test_attention_column_is_the_attention_job_ratio(tiny_pretrain_workdir,
                                                      builtin_data_dir,
                                                      tmp_path):

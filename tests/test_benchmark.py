@@ -34,6 +34,7 @@ FIGURES = (
 )
 
 
+@pytest.mark.long
 def test_step_traces_once_and_runs_under_transfer_guard(monkeypatch):
   traces = []
   traced_step = step_lib.train_step
@@ -63,6 +64,7 @@ def test_step_traces_once_and_runs_under_transfer_guard(monkeypatch):
   assert np.all(np.isfinite(jax.device_get(losses)))
 
 
+@pytest.mark.long
 def test_benchmark_command_prints_every_figure():
   # Views as in `tiny_config`, so the step is the one compiled above (the
   # tests' persistent compilation cache may then serve it).
@@ -211,6 +213,7 @@ def real_detection_step_flops(config, pretrain_config) -> float:
       setup.train_step.lower(state, batch).compile())
 
 
+@pytest.mark.long
 def test_detection_benchmark_times_the_jobs_step():
   config = detection_config.get_config("tiny")
   pretrain_config = detco_config.get_config("tiny")
@@ -238,6 +241,7 @@ def test_detection_benchmark_times_the_jobs_step():
       config, pretrain_config)
 
 
+@pytest.mark.long
 def test_detection_compile_only_allocates_and_runs_nothing(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("--compile_only made or ran something")
@@ -255,6 +259,7 @@ def test_detection_compile_only_allocates_and_runs_nothing(monkeypatch):
   assert "step_s" not in figures
 
 
+@pytest.mark.long
 def test_detection_benchmark_command_compiles_only():
   # Its flags and both config files, as a user runs it.
   command = [

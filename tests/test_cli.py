@@ -22,6 +22,7 @@ def run_main(args, cwd=REPO, python_args=False):
                         timeout=600)
 
 
+@pytest.mark.long
 def test_a_config_mistake_is_one_line_and_exit_1(tmp_path):
   # From another directory, with the config given by absolute path.
   config = os.path.join(REPO, "configs", "detco.py") + ":tiny"

@@ -206,6 +206,7 @@ def read_results(workdir):
     return json.load(f)
 
 
+@pytest.mark.long
 def test_end_to_end_resumes_and_refuses_another_backbone(
     tiny_pretrain_workdir, builtin_data_dir, tmp_path):
   workdir = str(tmp_path / "dense")
@@ -242,6 +243,7 @@ def test_end_to_end_resumes_and_refuses_another_backbone(
     assert set(r["iou"]) == {"background", "foreground"}
 
 
+@pytest.mark.long
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
     tiny_pretrain_workdir, builtin_data_dir, tmp_path):
   """Stopped before step 4 (saved at 3), or NaN at step 5 (resumed from 4)."""

@@ -38,6 +38,7 @@ def recomputed_ap(workdir: str, split: str) -> list[float]:
   return [float(v) for v in evaluator.stats[:6]]
 
 
+@pytest.mark.long
 def test_overfits_16_images_and_reports_pycocotools_ap(config, tmp_path):
   # 16 training images, seen without augmentation, are also the test set.
   config.data.train_split = config.data.eval_split = "train[:16]"
@@ -62,6 +63,7 @@ def test_overfits_16_images_and_reports_pycocotools_ap(config, tmp_path):
   assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
 
 
+@pytest.mark.long
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
                                                                 tmp_path):
   """Stopped before step 5 (saved at 4), or NaN at step 5 (resumed from 3)."""

@@ -117,6 +117,7 @@ def test_probe_runs_end_to_end_and_resumes_exactly(config, tmp_path):
   assert again["stages"] == results["stages"]
 
 
+@pytest.mark.long
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
                                                                 tmp_path):
   """Stopped before step 4 (saved at 3), or NaN at step 6 (resumed from 4)."""

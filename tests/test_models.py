@@ -30,6 +30,7 @@ def test_basic_block_resnets(depth, channels):
   assert tuple(resnet.stage_channels(depth).values()) == channels
 
 
+@pytest.mark.long
 def test_narrow_cifar_stem_model_shapes():
   model = resnet.ResNet(depth=18, width=8, stem="cifar")
   x = jnp.ones((4, 32, 32, 3))
@@ -90,6 +91,7 @@ def test_group_batch_norm_eval_uses_running_stats_and_checks_batch():
              mutable=["batch_stats"])
 
 
+@pytest.mark.long
 def test_frozen_bn_stages_normalise_with_running_statistics_in_training():
   """frozen_bn_stages=2 (the stem and res2): in training, those stages give
   their evaluation-mode maps and keep their statistics; res3 on does not."""
@@ -135,6 +137,7 @@ def test_jigsaw_head_concatenates_patches_in_order():
   np.testing.assert_allclose(out2[1], out[1], rtol=1e-5)
 
 
+@pytest.mark.long
 def test_encoder_outputs_and_unshared_heads():
   enc = detco.DetCoEncoder(depth=18, width=8, stem="cifar", bn_groups=2,
                            local_hidden=32, embed_dim=16)
@@ -159,6 +162,7 @@ def test_encoder_outputs_and_unshared_heads():
   assert only_global["local"] == {}
 
 
+@pytest.mark.long
 def test_encoder_is_its_backbone_then_its_heads():
   enc = detco.DetCoEncoder(depth=18, width=8, stem="cifar", bn_groups=2,
                            local_hidden=32, embed_dim=16)
@@ -198,6 +202,7 @@ def _encoder_stats(patch_bn_stats):
   return enc, variables, views, patches, out, updated["batch_stats"]
 
 
+@pytest.mark.long
 def test_running_stats_accumulate_the_views_alone_by_default():
   enc, variables, views, patches, out, stats = _encoder_stats(False)
   backbone = resnet.ResNet(depth=10, width=8, stem="cifar", bn_groups=2)

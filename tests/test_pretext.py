@@ -110,6 +110,7 @@ def learning_config(name):
   return config
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", TASKS)
 def test_each_task_learns_its_pretext_above_chance(name):
   config = learning_config(name)
@@ -147,6 +148,7 @@ def random_host_batch(config, task, seed):
                                 dtype=np.int32)}
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", TASKS)
 def test_eight_devices_equal_one_device(name):
   """One step's whole state, and two steps' losses, on 8 devices and on 1.
@@ -175,6 +177,7 @@ def test_eight_devices_equal_one_device(name):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", TASKS)
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
     name, builtin_data_dir, tmp_path):
@@ -185,6 +188,7 @@ def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
   assert int(straight.state.step) == config.total_steps
 
 
+@pytest.mark.long
 def test_probes_read_a_pretext_run(builtin_data_dir, tmp_path):
   config = tiny("rel_patch", builtin_data_dir)
   config.write_views_image = True

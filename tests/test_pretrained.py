@@ -36,6 +36,7 @@ def read_names(monkeypatch):
   return names
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("step", [None, 3])
 def test_partial_restore_equals_the_full_state_restore(
     tiny_pretrain_workdir, step):

@@ -28,6 +28,7 @@ def _maps(backbone, images, train):
   return out[0] if train else out
 
 
+@pytest.mark.long
 def test_one_batch_calibration_makes_eval_mode_equal_train_mode(config):
   """With one batch's statistics, evaluation-mode BN normalises that batch
   exactly as training-mode BN does: every stage map agrees."""

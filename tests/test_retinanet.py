@@ -79,6 +79,7 @@ def test_bad_level_configurations_are_rejected(levels, extra):
     retinanet.check_levels(levels, extra)
 
 
+@pytest.mark.long
 def test_classification_prior(variables):
   head = variables["params"]["head"]
   np.testing.assert_allclose(head["cls_score"]["bias"], -math.log(99),
@@ -93,6 +94,7 @@ def test_classification_prior(variables):
   assert 0.005 < probs.min() and probs.max() < 0.02
 
 
+@pytest.mark.long
 def test_head_parameters_are_shared_across_levels():
   head = retinanet.RetinaNetHead(num_classes=3, num_anchors=2, channels=32)
   key = jax.random.key(1)
@@ -142,6 +144,7 @@ def test_flattened_order_is_level_then_y_then_x_then_anchor():
   np.testing.assert_array_equal(box, expected_box)
 
 
+@pytest.mark.long
 def test_with_backbone_slots_a_pretrained_resnet_in(variables):
   x = images(batch=1)
   pretrained = jax.jit(lambda x: resnet.ResNet(depth=10, width=8).init(
@@ -194,6 +197,7 @@ def stage_of(name: str) -> int:
   return int(top[5]) + 1 if top.startswith("layer") else 1
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("frozen_stages", [0, 2, 5])
 def test_frozen_stages_get_no_gradient(variables, frozen_stages):
   grads, _ = train_step(tiny(frozen_stages=frozen_stages), variables,
@@ -207,6 +211,7 @@ def test_frozen_stages_get_no_gradient(variables, frozen_stages):
       assert np.any(g), name
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("frozen_stages", [0, 2, 5])
 def test_frozen_stages_keep_their_bn_statistics_under_sync_bn(variables,
                                                               frozen_stages):
@@ -221,6 +226,7 @@ def test_frozen_stages_keep_their_bn_statistics_under_sync_bn(variables,
     assert unchanged == (stage_of(name) <= frozen_stages), name
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backbone_bn", ["frozen", "sync"])
 def test_backbone_batch_norm(variables, backbone_bn):
   grads, stats = train_step(tiny(backbone_bn=backbone_bn), variables,
@@ -237,6 +243,7 @@ def test_backbone_batch_norm(variables, backbone_bn):
     assert np.any(g) == (backbone_bn == "sync" or name not in bn), name
 
 
+@pytest.mark.long
 def test_sharded_forward_equals_unsharded(variables):
   mesh = sharding.make_mesh()
   assert mesh.size == 8

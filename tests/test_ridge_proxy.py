@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "ridge_proxy.py")
@@ -70,6 +71,7 @@ def test_penalty_is_chosen_on_held_out_train_rows():
   assert same == penalty
 
 
+@pytest.mark.long
 def test_runs_on_a_pretraining_workdir_and_its_floor(tiny_pretrain_workdir,
                                                      builtin_data_dir):
   for extra in ([], ["--random"]):

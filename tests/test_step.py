@@ -72,6 +72,7 @@ def run_steps(config, devices, n=2):
   return jax.device_get(state), metrics
 
 
+@pytest.mark.long
 def test_eight_devices_match_one_device_with_sync_bn():
   config = tiny_config(bn="sync")
   state8, m8 = run_steps(config, jax.devices())
@@ -87,6 +88,7 @@ def test_eight_devices_match_one_device_with_sync_bn():
                              state1.queues["local"]["res2"], atol=1e-4)
 
 
+@pytest.mark.long
 def test_step_metrics_queues_and_ema():
   config = tiny_config(ema_momentum=0.5)
   mesh, _, state, step = setup(config)
@@ -119,6 +121,7 @@ def test_step_metrics_queues_and_ema():
                              0.5 * old_ema + 0.5 * new_q, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.long
 def test_bn_stats_setting_changes_running_averages_not_training():
   """Training normalises with batch statistics either way, so the loss and
   the parameters are identical; only the running averages (and their EMA)
@@ -141,6 +144,7 @@ def test_bn_stats_setting_changes_running_averages_not_training():
     assert not np.allclose(a, b), stats
 
 
+@pytest.mark.long
 def test_mocov2_switches_drop_local_branch():
   config = tiny_config()
   config.loss.multi_level = False
@@ -188,6 +192,7 @@ def test_shuffle_bn_keys_equal_explicit_per_group_computation():
   assert not np.allclose(plain["global"]["res5"], got["global"]["res5"])
 
 
+@pytest.mark.long
 def test_named_phases_compose_to_the_step_bit_for_bit():
   """The phases, each jitted alone as the benchmark times them, are the step.
 
@@ -259,6 +264,7 @@ def random_views(pool, rng, batch, size=16):
                              jigsaw(padded, rng, 8, 8)], 1)}
 
 
+@pytest.mark.long
 def test_contrastive_accuracy_rises_on_random_tensors():
   """Instance discrimination of random images learns well above chance.
 
@@ -291,6 +297,7 @@ def test_contrastive_accuracy_rises_on_random_tensors():
   # is checked against NumPy in test_losses.py, their learning by the demo.
 
 
+@pytest.mark.long
 def test_bfloat16_with_remat_tracks_float32_and_keeps_float32_state():
   losses = {}
   for dtype, remat in (("float32", False), ("bfloat16", True)):

@@ -87,6 +87,7 @@ def brightness_batch(config, rng):
   return {"inputs": images, "label": labels[:, None]}
 
 
+@pytest.mark.long
 def test_the_step_learns_a_readable_label(builtin_data_dir):
   config = tiny(builtin_data_dir)
   config.base_lr, config.total_steps, config.warmup_epochs = 1.0, 30, 0.0
@@ -112,6 +113,7 @@ def test_the_step_learns_a_readable_label(builtin_data_dir):
   assert float(metrics["pretext_acc"]) > 0.75
 
 
+@pytest.mark.long
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
     builtin_data_dir, tmp_path):
   config = tiny(builtin_data_dir)
@@ -120,6 +122,7 @@ def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(
   assert 0 <= straight.last["pretext_acc"] <= 1
 
 
+@pytest.mark.long
 def test_probes_read_a_supervised_run(builtin_data_dir, tmp_path):
   config = tiny(builtin_data_dir)
   workdir = str(tmp_path / "pretrain")

@@ -53,6 +53,7 @@ def test_tiny_run_writes_checkpoints_events_and_config(config, tmp_path):
   assert any("views" in t for t in tags["images"] + tags["tensors"])
 
 
+@pytest.mark.long
 def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
                                                                 tmp_path):
   """Stopped before step 5 (saved at 4), or NaN at step 5 (resumed from 3)."""
@@ -62,6 +63,7 @@ def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
       nan_k=5)
 
 
+@pytest.mark.long
 def test_half_written_checkpoint_is_never_picked_up(config, tmp_path):
   workdir = str(tmp_path / "run")
   config.total_steps = 3
@@ -80,6 +82,7 @@ def test_half_written_checkpoint_is_never_picked_up(config, tmp_path):
   assert restore_params(config, workdir)[0] == 6
 
 
+@pytest.mark.long
 def test_diverging_run_stops_with_the_step_and_saves_nothing_after(
     config, tmp_path):
   config.base_lr = 1e30
