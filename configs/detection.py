@@ -6,19 +6,26 @@ r"""Detection transfer (RetinaNet) of a pretrained backbone: data and views.
 The backbone comes from a pretraining run's workdir (`pretrained`,
 `pretrained_step`; `random_init=True` for the untrained floor) and keeps its
 architecture; `model` describes the FPN, anchors and head around it.
-Defaults follow detectron2's RetinaNet R50-FPN 1x (Base-RetinaNet.yaml):
-P3..P7, anchors 32..512 with 3 scales per octave and ratios 0.5/1/2, IoU
-thresholds 0.4/0.5, focal alpha 0.25 gamma 2, an L1 box loss, SGD lr 0.01 at
-batch 16 with momentum 0.9 and weight decay 1e-4, 1,000 warm-up steps and 90k
-iterations with x0.1 at 60k and 80k (scaled to the batch: the schedule is
-counted in images). Backbone BN is synchronised over the global batch, as
-the paper's transfer configs use, and every stage trains.
+The detector, its losses and its schedule are detectron2's RetinaNet R50-FPN
+1x (Base-RetinaNet.yaml): P3..P7, anchors 32..512 with 3 scales per octave
+and ratios 0.5/1/2, IoU thresholds 0.4/0.5, focal alpha 0.25 gamma 2, an L1
+box loss, SGD lr 0.01 at batch 16 with momentum 0.9 and weight decay 1e-4,
+1,000 warm-up steps and 90k iterations with x0.1 at 60k and 80k (scaled to
+the batch: the schedule is counted in images). Backbone BN is synchronised
+over the global batch, as the paper's transfer configs use, and every stage
+trains. Two things differ from detectron2, so AP from this config is not
+directly comparable with detectron2's (or the paper's) RetinaNet figures:
 
-Views: static S x S inputs, so that the detector runs on TPUs as well as
-GPUs. Training flips, resizes the longer side to S * U(scale_range) and crops
-or pads to S x S; testing resizes the longer side to S and pads. At 1024 px
-a 4:3 COCO image trains with its shorter side in 614..960 and tests at 768,
-around detectron2's 640..800 / 800 (whose inputs are not square).
+  the head   4 convs with GroupNorm (32 groups) in each tower; detectron2's
+             head has no norm (`--config.model.norm=none` gives it).
+  the views  static S x S inputs with scale jitter, as the TF Model Garden's
+             RetinaNet makes them for TPUs: training flips, resizes the
+             longer side to S * U(scale_range) and crops or pads to S x S;
+             testing resizes the longer side to S and pads. At 1024 px a 4:3
+             COCO image trains with its shorter side in 614..960 and tests
+             at 768. detectron2 resizes the shorter side to one of 640..800
+             (at most 1333 for the longer) in training and to 800 in
+             testing, with flips, on inputs that are not square.
 
 Variants (`--config=configs/detection.py:VARIANT`):
 
@@ -29,7 +36,7 @@ Variants (`--config=configs/detection.py:VARIANT`):
   demo       the built-in `detco_shapes` at the demo pretraining's 64 px.
   tiny       a few-step smoke configuration for tests (32 px).
 
-Arguments (`name=value` after the variants, configs/common.py):
+Arguments (`name=value`, in any order with the variants; configs/common.py):
 
   seed=N     the data order and views (and the job's initialisation).
   steps=N    train N steps (`total_steps`); the x0.1 drops stay at the same

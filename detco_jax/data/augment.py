@@ -1,7 +1,7 @@
 """Device-side photometric augmentation: MoCo v2 colour ops, blur, the views.
 
 Everything here is a pure JAX function of `(images, rng) -> images`, meant to
-run inside the jitted train step (DESIGN.md, "Data flow", step 3.1). The host
+run inside the jitted train step, on the accelerator. The host
 delivers uint8 views whose geometry (crops, flips, jigsaw) is already done;
 this module applies, in MoCo v2's order,
 

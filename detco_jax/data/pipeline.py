@@ -1,4 +1,4 @@
-"""Input streams: sources + host views -> batches, resumable (DESIGN.md step 1).
+"""Input streams: sources + host views -> batches, resumable (the host side).
 
 Streams (one per process; numpy batches of this process's share of the
 global batch, b = global batch // process count):

@@ -1,4 +1,4 @@
-"""Per-example geometric views of DetCo, as tf.data graph code (DETCO_SPEC.md).
+"""Per-example geometric views of DetCo, as tf.data graph code (docs/method.md).
 
 From one decoded uint8 image [H, W, 3] this module makes
 
