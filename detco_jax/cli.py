@@ -42,8 +42,10 @@ from detco_jax import distributed
 # What a user can fix from the message alone: bad config values and sizes,
 # a missing dataset or checkpoint, a diverged run.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-# Libraries whose INFO lines are progress chatter on a console.
-_QUIET_LIBRARIES = ("/orbax/", "/clu/", "/tensorflow_datasets/")
+# Libraries whose INFO lines are progress chatter on a console (and JAX's
+# "Unable to initialize backend 'tpu'" on every machine without one).
+_QUIET_LIBRARIES = ("/orbax/", "/clu/", "/tensorflow_datasets/",
+                    "/jax/_src/xla_bridge.py")
 
 
 class _LibraryInfoFilter(py_logging.Filter):

@@ -138,6 +138,8 @@ def test_library_filter_drops_only_their_info_lines():
   assert drop.filter(record(orbax, py_logging.WARNING))
   tfds = "/x/site-packages/tensorflow_datasets/core/dataset_builder.py"
   assert not drop.filter(record(tfds, py_logging.INFO))
+  bridge = "/x/site-packages/jax/_src/xla_bridge.py"
+  assert not drop.filter(record(bridge, py_logging.INFO))
   assert drop.filter(record("/x/detco_jax/loop.py", py_logging.INFO))
 
 
