@@ -323,6 +323,11 @@ def test_smoke_run_measures_every_figure(tmp_path, builtin_data_dir):
   assert_figures(rows("pipeline", threads="all")[0],
                  ("needed_samples_per_s", "supply_to_need_ratio"))
   epochs = suite.SMOKE.max_epochs
+  [calibration] = rows("curve", run="calibration")
+  assert_figures(calibration, ("step_s", "startup_s", "knn_s",
+                               "predicted_epoch_s", "predicted_probe_s",
+                               "prepare_data_s"))
+  assert calibration["figures"]["epochs"]["value"] == epochs
   for label, _, _ in curve.METHODS:
     [row] = rows("curve", run=label)
     assert_figures(row, [f"epoch_{e:03d}_knn_top1"

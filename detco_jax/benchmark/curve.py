@@ -12,9 +12,9 @@ How many epochs: a short calibration run (two log windows of 5 DetCo steps)
 gives the steady step time and the start-up cost (compilation, data); a kNN
 evaluation of a fifth of the monitor's examples, counted five times, its
 cost, of which a probe's epoch is counted as 1.5 (one forward pass over
-more images). The epochs are the
-most that fit the time left after the three probes, the same for both
-methods, at most `Sizes.max_epochs`.
+more images). The epochs are the most that fit the time left after the
+three probes, the same for both methods, at most `Sizes.max_epochs`. In
+smoke mode the epochs are fixed and the costs are read off the DetCo run.
 
 The workdirs stay under `<out>/curve/` (TensorBoard events, checkpoints,
 each probe's results), so every figure can be traced to its run.
@@ -131,11 +131,15 @@ def _command(config_string: str, epochs: int, every: int,
 def run_part(ctx: Any, part: Part) -> None:
   """Calibrates, trains DetCo and MoCo v2, probes them and the floor.
 
+  In smoke mode (`ctx.budget.force`) the epochs are `Sizes.max_epochs` and
+  no calibration run is made: the calibration row's figures then come from
+  the DetCo run itself.
+
   Args:
     ctx: the suite's `Context` (sizes, budget, out, data_dir, log, write).
     part: where the rows go.
   """
-  sizes, budget, log = ctx.sizes, ctx.budget, ctx.log
+  sizes, budget = ctx.sizes, ctx.budget
   if not budget.allows(_MIN_CALIBRATION_S):
     part.skip("the learning curve", f"{budget.left():.0f} s left, less than "
               f"the {_MIN_CALIBRATION_S:.0f} s its calibration takes on a "
@@ -145,22 +149,69 @@ def run_part(ctx: Any, part: Part) -> None:
   base = pretrain_config(sizes.curve, "", ctx.data_dir, 1, sizes.log_every)
   start = budget.elapsed()
   sources.prepare_builtin(base.data)  # Generates the dataset if missing.
-  prepare_s = budget.elapsed() - start
+  figures = {"prepare_data_s": budget.elapsed() - start,
+             "knn_s": _knn_seconds(base, budget),
+             "steps_per_epoch": config_lib.steps_per_epoch(base)}
+  if budget.force:
+    epochs, command = sizes.max_epochs, None
+  else:
+    command = _calibrate(ctx, root, figures)
+    epochs = budget_lib.agree(plan_epochs(
+        budget.left(), figures["predicted_epoch_s"], figures["startup_s"],
+        3 * figures["predicted_probe_s"], sizes.max_epochs))
+    figures["epochs"] = epochs
+    part.add({"run": "calibration", "scale": sizes.curve}, figures, command)
+    ctx.write()
+    if epochs < 1:
+      part.skip("DetCo and MoCo v2 pretraining", f"one epoch each "
+                f"({figures['predicted_epoch_s']:.0f} s, with kNN) plus "
+                f"start-up ({figures['startup_s']:.0f} s) and the probes "
+                f"({3 * figures['predicted_probe_s']:.0f} s) do not fit the "
+                f"{budget.left():.0f} s left")
+      return
 
-  # Calibration: two short log windows of DetCo (the second one's speed is
-  # the steady state), then a kNN evaluation on a fifth of its examples,
-  # counted five times (its fixed costs too: an overestimate).
-  window = min(sizes.log_every, _CALIBRATION_WINDOW)
-  calibration = pretrain_config(sizes.curve, "", ctx.data_dir, 1, window)
-  calibration.total_steps = 2 * window
-  calibration.knn.every_steps = 0
-  calibration.checkpoint_every = 2 * window
-  workdir = _fresh(root / "calibration")
-  start = budget.elapsed()
-  last = train.run(calibration, os.fspath(workdir))
-  calibration_s = budget.elapsed() - start
-  step_s = calibration.batch_size / last["images_per_sec"]
-  startup_s = max(0.0, calibration_s - 2 * window * step_s)
+  runs = {}
+  for label, key, variant in METHODS:
+    config = pretrain_config(sizes.curve, variant, ctx.data_dir, epochs,
+                             sizes.log_every)
+    workdir = os.fspath(_fresh(root / key))
+    start = budget.elapsed()
+    last = train.run(config, workdir)
+    seconds = budget.elapsed() - start
+    if command is None and label == "DetCo":
+      # Smoke: the calibration's figures, from this run.
+      _costs(figures, config.batch_size / last["images_per_sec"],
+             seconds - epochs * figures["knn_s"], epochs
+             * figures["steps_per_epoch"], sizes.probe)
+      figures["epochs"] = epochs
+      part.add({"run": "calibration", "scale": sizes.curve,
+                "source": "the DetCo run (smoke mode)"}, figures,
+               _command(sizes.curve, epochs, figures["steps_per_epoch"],
+                        workdir))
+    _add_run(part, label, variant, sizes.curve, workdir, last, seconds,
+             epochs, figures["steps_per_epoch"])
+    runs[label] = workdir
+    ctx.write()
+
+  probes = [(label, runs[label], False) for label, _, _ in METHODS]
+  probes.append((FLOOR, runs["DetCo"], True))
+  for label, pretrained_dir, random_init in probes:
+    if not budget.allows(figures["predicted_probe_s"]):
+      part.skip(f"linear probe of {label}", f"predicted "
+                f"{figures['predicted_probe_s']:.0f} s > "
+                f"{budget.left():.0f} s left")
+      continue
+    _probe(ctx, part, root, label, pretrained_dir, random_init)
+  logging.info("Learning curve done.")
+
+
+def _knn_seconds(base: Any, budget: Any) -> float:
+  """One kNN evaluation's seconds: a fifth of the examples, times five.
+
+  Its fixed costs are counted five times too: an overestimate. Its programs
+  (the feature extractor) are the monitor's, which the compilation cache
+  then serves.
+  """
   mesh = sharding.make_mesh()
   small = base.copy_and_resolve_references()
   small.knn.train_examples = max(small.knn.batch_size,
@@ -169,75 +220,88 @@ def run_part(ctx: Any, part: Part) -> None:
                                 base.knn.test_examples // _KNN_FRACTION)
   start = budget.elapsed()
   knn.evaluate(pretrained.random_init(small, 0, mesh), small, mesh)
-  knn_s = (budget.elapsed() - start) * _KNN_FRACTION
-  steps_per_epoch = config_lib.steps_per_epoch(base)
-  epoch_s = steps_per_epoch * step_s + knn_s
-  probe_s = 0.5 * startup_s + knn_s * (
-      0.5 + _PROBE_EPOCH_PER_KNN * _probe_epochs(sizes.probe))
-  planned = plan_epochs(budget.left(), epoch_s, startup_s, 3 * probe_s,
-                        sizes.max_epochs)
-  epochs = budget_lib.agree(sizes.max_epochs if budget.force else planned)
-  part.add({"run": "calibration", "scale": sizes.curve},
-           {"prepare_data_s": prepare_s, "calibration_s": calibration_s,
-            "step_s": step_s, "startup_s": startup_s, "knn_s": knn_s,
-            "predicted_epoch_s": epoch_s, "predicted_probe_s": probe_s,
-            "epochs": epochs, "steps_per_epoch": steps_per_epoch},
-           _command(sizes.curve, 1, 0, os.fspath(workdir))
-           + f" --config.total_steps={2 * window}")
+  return (budget.elapsed() - start) * _KNN_FRACTION
+
+
+def _calibrate(ctx: Any, root: epath.Path, figures: dict[str, float]) -> str:
+  """Two short log windows of DetCo; adds the costs to `figures`.
+
+  The second window's speed is the steady state; the rest of the run's
+  time is its start-up (compilation, data, saving).
+
+  Returns:
+    The calibration run's command.
+  """
+  sizes = ctx.sizes
+  window = min(sizes.log_every, _CALIBRATION_WINDOW)
+  config = pretrain_config(sizes.curve, "", ctx.data_dir, 1, window)
+  config.total_steps = 2 * window
+  config.knn.every_steps = 0
+  config.checkpoint_every = 2 * window
+  workdir = os.fspath(_fresh(root / "calibration"))
+  start = ctx.budget.elapsed()
+  last = train.run(config, workdir)
+  figures["calibration_s"] = ctx.budget.elapsed() - start
+  _costs(figures, config.batch_size / last["images_per_sec"],
+         figures["calibration_s"], 2 * window, sizes.probe)
+  return (_command(sizes.curve, 1, 0, workdir)
+          + f" --config.total_steps={2 * window}")
+
+
+def _costs(figures: dict[str, float], step_s: float, run_s: float,
+           steps: int, probe: str) -> None:
+  """Adds step_s, startup_s and the predicted epoch and probe seconds.
+
+  Args:
+    figures: the calibration's figures so far (knn_s, steps_per_epoch).
+    step_s: one steady step.
+    run_s: a run's seconds without its kNN evaluations.
+    steps: its steps.
+    probe: the probes' config string (their epochs).
+  """
+  startup_s = max(0.0, run_s - steps * step_s)
+  knn_s = figures["knn_s"]
+  figures.update(
+      step_s=step_s, startup_s=startup_s,
+      predicted_epoch_s=figures["steps_per_epoch"] * step_s + knn_s,
+      predicted_probe_s=0.5 * startup_s + knn_s * (
+          0.5 + _PROBE_EPOCH_PER_KNN * _probe_epochs(probe)))
+
+
+def _add_run(part: Part, label: str, variant: str, scale: str, workdir: str,
+             last: dict[str, float], seconds: float, epochs: int,
+             steps_per_epoch: int) -> None:
+  """A pretraining run's row: its kNN top-1 after every epoch."""
+  curve = knn_curve(workdir)
+  figures = {"pretrain_s": seconds, "epochs": epochs,
+             "final_knn_top1": curve[-1][1] if curve else None}
+  for step, value in curve:
+    figures[f"epoch_{round(step / steps_per_epoch):03d}_knn_top1"] = value
+  config_string = ",".join(filter(None, (scale, variant)))
+  part.add({"run": label, "scale": scale,
+            "final_loss": round(float(last["loss"]), 4)}, figures,
+           _command(config_string, epochs, steps_per_epoch, workdir))
+  logging.info("%s: %d epochs in %.0f s, kNN %s", label, epochs, seconds,
+               [round(v, 3) for _, v in curve])
+
+
+def _probe(ctx: Any, part: Part, root: epath.Path, label: str,
+           pretrained_dir: str, random_init: bool) -> None:
+  """The linear probe of a run (or of its untrained network): a row."""
+  probe = ctx.sizes.probe
+  config = probe_config(probe, pretrained_dir, ctx.data_dir, random_init)
+  name = "floor" if random_init else label.replace(" ", "_").lower()
+  workdir = os.fspath(_fresh(root / f"linear_{name}"))
+  start = ctx.budget.elapsed()
+  results = linear.run(config, workdir)
+  figures = {f"{s}_top1": results["stages"][s]["top1"] for s in STAGES}
+  figures["probe_s"] = ctx.budget.elapsed() - start
+  part.add({"run": f"linear probe: {label}"}, figures,
+           f"python -m detco_jax.eval.linear --config=configs/"
+           f"linear_probe.py:{probe} --config.pretrained={pretrained_dir}"
+           + (" --config.random_init=True" if random_init else "")
+           + f" --workdir={workdir}")
   ctx.write()
-  if epochs < 1:
-    part.skip("DetCo and MoCo v2 pretraining", f"one epoch each ({epoch_s:.0f}"
-              f" s, with kNN) plus start-up ({startup_s:.0f} s) and the "
-              f"probes ({3 * probe_s:.0f} s) do not fit the "
-              f"{budget.left():.0f} s left")
-    return
-
-  runs = {}
-  for label, key, variant in METHODS:
-    config = pretrain_config(sizes.curve, variant, ctx.data_dir, epochs,
-                             sizes.log_every)
-    workdir = _fresh(root / key)
-    start = budget.elapsed()
-    last = train.run(config, os.fspath(workdir))
-    seconds = budget.elapsed() - start
-    curve = knn_curve(os.fspath(workdir))
-    figures = {"pretrain_s": seconds, "epochs": epochs,
-               "final_knn_top1": curve[-1][1] if curve else None}
-    for step, value in curve:
-      figures[f"epoch_{round(step / steps_per_epoch):03d}_knn_top1"] = value
-    config_string = ",".join(filter(None, (sizes.curve, variant)))
-    part.add({"run": label, "scale": sizes.curve,
-              "final_loss": round(float(last["loss"]), 4)}, figures,
-             _command(config_string, epochs, steps_per_epoch,
-                      os.fspath(workdir)))
-    runs[label] = os.fspath(workdir)
-    ctx.write()
-    log(f"{label}: {epochs} epochs in {seconds:.0f} s, kNN "
-        f"{[round(v, 3) for _, v in curve]}")
-
-  probes = [(label, runs[label], False) for label, _, _ in METHODS]
-  probes.append((FLOOR, runs["DetCo"], True))
-  for label, pretrained_dir, random_init in probes:
-    if not budget.allows(probe_s):
-      part.skip(f"linear probe of {label}", f"predicted {probe_s:.0f} s > "
-                f"{budget.left():.0f} s left")
-      continue
-    config = probe_config(sizes.probe, pretrained_dir, ctx.data_dir,
-                          random_init)
-    workdir = _fresh(root / f"linear_{'floor' if random_init else label}"
-                     .replace(" ", "_").lower())
-    start = budget.elapsed()
-    results = linear.run(config, os.fspath(workdir))
-    figures = {f"{s}_top1": results["stages"][s]["top1"] for s in STAGES}
-    figures["probe_s"] = budget.elapsed() - start
-    part.add({"run": f"linear probe: {label}"}, figures,
-             f"python -m detco_jax.eval.linear --config=configs/"
-             f"linear_probe.py:{sizes.probe} --config.pretrained="
-             f"{pretrained_dir}" + (" --config.random_init=True"
-                                    if random_init else "")
-             + f" --workdir={os.fspath(workdir)}")
-    ctx.write()
-  logging.info("Learning curve done.")
 
 
 def _probe_epochs(probe: str) -> float:
@@ -283,8 +347,11 @@ def render(part: Part) -> list[str]:
   calibration = [r for r in part.rows if r.labels["run"] == "calibration"]
   if calibration:
     f = calibration[0].figures
-    lines += ["", f"Planned {f['epochs']:.0f} epochs from a calibration: "
-              f"{f['step_s'] * 1e3:.1f} ms/step, {f['knn_s']:.1f} s per kNN "
-              f"evaluation, {f['startup_s']:.0f} s start-up, "
-              f"{f['steps_per_epoch']:.0f} steps per epoch."]
+    how = ("Smoke mode: the epochs fixed; costs measured on the DetCo run"
+           if calibration[0].labels.get("source")
+           else f"Planned {f['epochs']:.0f} epochs from a calibration run")
+    lines += ["", f"{how}: {f['step_s'] * 1e3:.1f} ms/step, "
+              f"{f['knn_s']:.1f} s per kNN evaluation, {f['startup_s']:.0f}"
+              f" s start-up, {f['steps_per_epoch']:.0f} steps per epoch; "
+              f"generating the data took {f['prepare_data_s']:.0f} s."]
   return lines

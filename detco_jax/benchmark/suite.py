@@ -373,37 +373,69 @@ def _memory(figures: dict[str, float]) -> float | None:
 def part_train_step(ctx: Context, part: Part) -> None:
   """DetCo and MoCo v2, bfloat16 and float32, at each batch and the largest.
 
-  Items run in priority order: every method and dtype at the first batch
-  (so they compare at one size), then the other batches, then the
-  largest. Each is compiled first (FLOPs and memory), then timed if its
-  prediction fits the box.
+  Items run in priority order: every (method, dtype) of the grid at the
+  first batch (so they compare at one size), then the other batches, then
+  the largest batches. Each is compiled first (FLOPs and memory), then
+  timed if its prediction fits the box.
   """
-  from detco_jax.benchmark import train_step  # pylint: disable=g-import-not-at-top
-  sizes = ctx.sizes
-  memory: dict[tuple[str, str], dict[int, float]] = {}
-  compile_cost = [0.0]  # The longest compilation so far.
+  items = _TrainStepItems(ctx, part)
+  variants = dict(METHODS)
+  for batch in ctx.sizes.batches:
+    for label, dtype in ctx.sizes.grid:
+      _guarded(part, f"{label} {dtype} batch {batch}", ctx.log,
+               lambda: items.measure(label, variants[label], dtype, batch))
+  for label, dtype in ctx.sizes.largest:
+    _guarded(part, f"{label} {dtype} largest batch", ctx.log,
+             lambda: items.measure_largest(label, variants[label], dtype))
 
-  compiled: dict[tuple[str, str, int], dict[str, float]] = {}
 
-  def compile_only(variant, dtype, batch):
-    if (variant, dtype, batch) in compiled:  # The search compiled it.
-      return compiled[variant, dtype, batch]
-    config = pretrain_config(sizes, variant, dtype)
-    figures = train_step.run(config, per_device_batch=batch, steps=1,
-                             warmup=0, compile_only=True, log=ctx.log)
-    compiled[variant, dtype, batch] = figures
-    compile_cost[0] = max(compile_cost[0], figures["compile_s"])
-    if _memory(figures) is not None:
-      memory.setdefault((variant, dtype), {})[batch] = _memory(figures)
-    return figures
+class _TrainStepItems:
+  """Part 2's items: compiled once each, timed when they fit.
 
-  def measure(label, variant, dtype, batch, extra=None):
+  Attributes:
+    ctx: the suite's context.
+    part: where the rows go.
+    compiled: (variant, dtype, batch) -> compile-only figures.
+    memory: (variant, dtype) -> {batch: compiled memory}.
+    compile_cost: the longest compilation so far (the next one's guess).
+  """
+
+  def __init__(self, ctx: Context, part: Part):
+    # Imported here: the suite module is imported by tests of its pieces.
+    from detco_jax.benchmark import train_step  # pylint: disable=g-import-not-at-top
+    self._train_step = train_step
+    self.ctx, self.part = ctx, part
+    self.compiled: dict[tuple[str, str, int], dict[str, float]] = {}
+    self.memory: dict[tuple[str, str], dict[int, float]] = {}
+    self.compile_cost = 0.0
+
+  def compile_only(self, variant: str, dtype: str,
+                   batch: int) -> dict[str, float]:
+    """The step's compile-only figures (`python -m detco_jax.benchmark
+    --compile_only`), compiled once per item."""
+    key = (variant, dtype, batch)
+    if key not in self.compiled:
+      figures = self._train_step.run(
+          pretrain_config(self.ctx.sizes, variant, dtype),
+          per_device_batch=batch, steps=1, warmup=0, compile_only=True,
+          log=self.ctx.log)
+      self.compiled[key] = figures
+      self.compile_cost = max(self.compile_cost, figures["compile_s"])
+      if _memory(figures) is not None:
+        self.memory.setdefault((variant, dtype), {})[batch] = _memory(
+            figures)
+    return self.compiled[key]
+
+  def measure(self, label: str, variant: str, dtype: str, batch: int,
+              extra: dict[str, Any] | None = None) -> None:
+    """Compiles one item, then times it if its prediction fits; a row."""
+    ctx, part, sizes = self.ctx, self.part, self.ctx.sizes
     name = f"{label} {dtype} batch {batch}"
-    if not ctx.budget.allows(compile_cost[0]):
-      part.skip(name, f"compiling it (about {compile_cost[0]:.0f} s) does "
-                f"not fit the {ctx.budget.left():.0f} s left")
+    if not ctx.budget.allows(self.compile_cost):
+      part.skip(name, f"compiling it (about {self.compile_cost:.0f} s) "
+                f"does not fit the {ctx.budget.left():.0f} s left")
       return
-    figures = dict(compile_only(variant, dtype, batch))
+    figures = dict(self.compile_only(variant, dtype, batch))
     labels = {"method": label, "dtype": dtype, "per_device_batch": batch,
               **(extra or {})}
     predicted = ctx.predict_timing(figures, dtype, backbone=True)
@@ -417,9 +449,9 @@ def part_train_step(ctx: Context, part: Part) -> None:
       ctx.write()
       return
     compile_s = figures["compile_s"]
-    figures = train_step.run(pretrain_config(sizes, variant, dtype),
-                             per_device_batch=batch, steps=sizes.steps,
-                             warmup=sizes.warmup, backbone=True, log=ctx.log)
+    figures = self._train_step.run(
+        pretrain_config(sizes, variant, dtype), per_device_batch=batch,
+        steps=sizes.steps, warmup=sizes.warmup, backbone=True, log=ctx.log)
     figures["compile_s"] = compile_s  # Not the cache's load time.
     figures["predicted_s"] = predicted
     figures.update(throughput_figures(figures["images_per_s_per_device"],
@@ -433,50 +465,37 @@ def part_train_step(ctx: Context, part: Part) -> None:
                                                  batch))
     ctx.write()
 
-  variants = dict(METHODS)
-  for batch in sizes.batches:
-    for label, dtype in sizes.grid:
-      _guarded(part, f"{label} {dtype} batch {batch}", ctx.log,
-               lambda: measure(label, variants[label], dtype, batch))
-  limit = devices.memory_limit(jax.local_devices()[0])[0]
-  for label, dtype in sizes.largest:
-    variant = variants[label]
-    known = memory.get((variant, dtype))
+  def measure_largest(self, label: str, variant: str, dtype: str) -> None:
+    """Finds the largest batch that fits the memory, then measures it."""
+    ctx, part = self.ctx, self.part
+    name = f"{label} {dtype} largest batch"
+    known = self.memory.get((variant, dtype))
     if not known:
-      part.skip(f"{label} {dtype} largest batch", "no batch of it was "
-                "compiled with a memory figure, so its memory per sample "
-                "is unknown")
-      continue
-    item_limit = limit
-    if sizes.stand_in_memory:
-      item_limit = sizes.stand_in_memory * max(known.values())
-      part.notes.append(f"Smoke mode: {label} {dtype}'s largest batch is "
-                        f"searched under a stand-in memory of "
-                        f"{item_limit / 2**20:.0f} MiB.")
-    _guarded(part, f"{label} {dtype} largest batch", ctx.log,
-             lambda: _measure_largest(ctx, part, label, variant, dtype,
-                                      known, item_limit, compile_only,
-                                      measure, compile_cost))
-
-
-def _measure_largest(ctx, part, label, variant, dtype, known, limit,
-                     compile_only, measure, compile_cost) -> None:
-  """Finds the largest batch of one method and dtype, then measures it."""
-  found = largest_batch(
-      lambda b: _memory(compile_only(variant, dtype, b)), known, limit,
-      ctx.sizes.batch_step, lambda: ctx.budget.allows(compile_cost[0]))
-  if found is None:
-    part.skip(f"{label} {dtype} largest batch", "the search's compilations "
-              f"did not fit the {ctx.budget.left():.0f} s left")
-    return
-  batch = budget_lib.agree(int(found[0]))
-  extra = {"largest": True, "memory_limit_gib": round(limit / 2**30, 2)}
-  for row in list(part.rows):  # A batch of the ladder: timed already.
-    if (row.labels == {"method": label, "dtype": dtype,
-                       "per_device_batch": batch} and "step_s" in row.figures):
-      part.add({**row.labels, **extra}, row.figures, row.command)
+      part.skip(name, "no batch of it was compiled with a memory figure, so "
+                "its memory per sample is unknown")
       return
-  measure(label, variant, dtype, batch, extra)
+    limit = devices.memory_limit(jax.local_devices()[0])[0]
+    if ctx.sizes.stand_in_memory:
+      limit = ctx.sizes.stand_in_memory * max(known.values())
+      part.notes.append(f"Smoke mode: {name} is searched under a stand-in "
+                        f"memory of {limit / 2**20:.1f} MiB.")
+    found = largest_batch(
+        lambda b: _memory(self.compile_only(variant, dtype, b)), known,
+        limit, ctx.sizes.batch_step,
+        lambda: ctx.budget.allows(self.compile_cost))
+    if found is None:
+      part.skip(name, "the search's compilations did not fit the "
+                f"{ctx.budget.left():.0f} s left")
+      return
+    batch = budget_lib.agree(int(found[0]))
+    extra = {"largest": True, "memory_limit_gib": round(limit / 2**30, 2)}
+    for row in list(part.rows):  # A batch of the ladder: timed already.
+      if (row.labels == {"method": label, "dtype": dtype,
+                         "per_device_batch": batch}
+          and "step_s" in row.figures):
+        part.add({**row.labels, **extra}, row.figures, row.command)
+        return
+    self.measure(label, variant, dtype, batch, extra)
 
 
 def throughput_figures(per_device: float, num_devices: int
