@@ -365,9 +365,16 @@ def largest_batch(memory_at: Callable[[int], float],
 
 
 def _memory(figures: dict[str, float]) -> float | None:
-  """The compiled step's memory: XLA's peak where reported, else the total
-  of its buffers; None where the backend reports neither."""
-  return figures.get("memory_peak_bytes", figures.get("memory_total_bytes"))
+  """The compiled step's memory per device, or None if not reported.
+
+  XLA:TPU's peak (from the buffers' lifetimes) on TPUs; elsewhere the total
+  of the buffers (arguments + outputs + temporaries - donated), an upper
+  bound: XLA:CPU's "peak" leaves the temporaries out, and XLA:GPU's is
+  not checked here.
+  """
+  if jax.devices()[0].platform == "tpu" and "memory_peak_bytes" in figures:
+    return figures["memory_peak_bytes"]
+  return figures.get("memory_total_bytes")
 
 
 def part_train_step(ctx: Context, part: Part) -> None:
@@ -543,8 +550,8 @@ def render_train_step(part: Part) -> list[str]:
            "", "Per device; samples are DetCo samples (2 views + 18 "
            "patches; MoCo v2: 2 views). MFU against the matmul peak "
            "measured in the same run in the model's dtype. Memory: XLA's "
-           "compiled figure (peak where the backend reports it, else "
-           "arguments + outputs + temp - aliased). 200 epochs of ImageNet "
+           "compiled figure (its peak on TPUs, else arguments + outputs + "
+           "temporaries - donated, an upper bound). 200 epochs of ImageNet "
            "(1,281,167 images); 8 devices assume linear scaling. A row "
            "without speed was compiled only (see 'Left out')."]
 
