@@ -67,7 +67,7 @@ def test_an_item_runs_only_if_its_padded_prediction_fits():
 
 
 def test_predicted_timing_grows_with_flops_and_falls_with_mfu():
-  ctx = suite.Context(suite.FULL, None, "/tmp/x", None, print,
+  ctx = suite.Context(suite.FULL, None, "out", None, print,
                       peaks={"bfloat16": 1e12})
   figures = {"compile_s": 10.0, "flops_per_step": 1e12}
   rounds = suite.FULL.steps + suite.FULL.warmup
