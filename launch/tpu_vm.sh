@@ -31,6 +31,8 @@ Commands:
                      JOB=detco_jax.eval.linear (or .knn, .dense, .detection)
                      runs that job instead, with the same flags; it needs its own
                      --workdir and --config.pretrained=gs://... .
+                     JOB=detco_jax.benchmark.suite runs the evidence suite; its
+                     --workdir=gs://... is where suite.json and suite.md go.
   logs [WORKER|all]  follow a worker's log (default: worker 0; Ctrl-C to quit)
   stop               send SIGTERM to the training on all workers: the job saves
                      a checkpoint and exits (waits up to $STOP_WAIT s)
@@ -237,7 +239,7 @@ cmd_setup() {
 
 cmd_run() {
   local job=${JOB:-detco_jax.main}
-  local config="configs/detco.py" workdir="" distributed="" flags=() arg
+  local config="" workdir="" distributed="" flags=() arg
   # Take --config and --workdir (as --flag=value or --flag value) out of the
   # flags to apply the defaults; everything else goes through unchanged.
   while [ "${#ARGS[@]}" -gt 0 ]; do
@@ -262,6 +264,11 @@ cmd_run() {
     die "JOB=$job needs its own --workdir=gs://... (the default is the pretraining run's)"
   fi
   workdir=${workdir:-gs://$BUCKET/detco_jax/$TPU_NAME}
+  # Pretraining's default config; other jobs take theirs on the command line
+  # (the suite takes none).
+  if [ -z "$config" ] && [ "$job" = detco_jax.main ]; then
+    config=configs/detco.py
+  fi
   local data_dir=${DATA_DIR:-gs://$BUCKET/tensorflow_datasets}
   case "$workdir" in
     gs://*) ;;
@@ -269,7 +276,10 @@ cmd_run() {
   esac
   # Explicit, though --distributed=auto finds the TPU too: JAX's own TPU
   # detection reads the slice's hosts from the VM metadata, on one host too.
-  local main_args=("--config=$config" "--workdir=$workdir")
+  local main_args=("--workdir=$workdir")
+  if [ -n "$config" ]; then
+    main_args=("--config=$config" "${main_args[@]}")
+  fi
   if [ -z "$distributed" ]; then
     main_args=(--distributed=on "${main_args[@]}")
   fi

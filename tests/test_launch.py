@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from detco_jax.benchmark import suite
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 TPU = os.path.join(LAUNCH, "tpu_vm.sh")
@@ -48,6 +50,8 @@ trap 'echo "stub: SIGTERM, checkpoint saved"; echo TERM > "$STUB_LOG/term"; exit
 { echo "TFDS_DATA_DIR=${TFDS_DATA_DIR:-}"
   echo "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}"
   echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-}"
+  echo "XLA_FLAGS=${XLA_FLAGS:-}"
+  echo "NCCL_PROTO=${NCCL_PROTO:-}"
 } > "$STUB_LOG/env.part" && mv "$STUB_LOG/env.part" "$STUB_LOG/env"
 printf '%s\\n' "$@" > "$STUB_LOG/argv.part" && mv "$STUB_LOG/argv.part" "$STUB_LOG/argv"
 echo "stub: training"
@@ -77,8 +81,8 @@ def script_env(stubs, unset=(), **extra):
          if k not in ("DRY_RUN", "CONFIG", "WORKDIR", "DATA_DIR", "PROJECT",
                       "SPOT", "REPO_URL", "REPO_REF", "LOG_DIR", "PYTHON",
                       "GPUS_PER_NODE", "REQUEUE", "CUDA_VISIBLE_DEVICES", "JOB",
-                      "XLA_PYTHON_CLIENT_MEM_FRACTION")
-         and not k.startswith("SLURM_")}
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS")
+         and not k.startswith(("SLURM_", "NCCL_"))}
   env.update(TPU_ENV)
   env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
              STUB_LOG=str(log_dir))
@@ -259,6 +263,17 @@ def test_tpu_run_starts_a_probe_job(stubs):
   assert result.returncode != 0 and "needs its own --workdir" in result.stderr
 
 
+def test_tpu_run_starts_the_suite(stubs):
+  """JOB=detco_jax.benchmark.suite gets no pretraining config."""
+  env = script_env(stubs, JOB="detco_jax.benchmark.suite")
+  [words] = commands(run(TPU, "run", "--dry-run", "--workdir=gs://b/suite",
+                         "--budget_s=480", env=env).stdout)
+  remote = remote_command(words)
+  assert ("-m detco_jax.benchmark.suite --distributed=on "
+          "--workdir=gs://b/suite --budget_s=480") in remote
+  assert "--config" not in remote
+
+
 def test_tpu_run_defaults(stubs):
   """Without flags: the paper's config, a workdir on the bucket."""
   env = script_env(stubs, DATA_DIR="gs://data/tfds")
@@ -411,11 +426,37 @@ def test_gpu_dry_run(stubs):
                "--workdir=runs/my run", "--config.batch_size=512",
                env=script_env(stubs))
   [words] = commands(result.stdout)
-  assert words == ["XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "python", "-m",
+  assert words == ["XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+                   "XLA_FLAGS=" + " ".join(suite.GPU_XLA_FLAGS),
+                   "NCCL_PROTO=SIMPLE,LL,LL128", "NCCL_LL_BUFFSIZE=-2",
+                   "NCCL_LL128_BUFFSIZE=-2", "python", "-m",
                    "detco_jax.main", "--distributed=off",
                    "--config=configs/detco.py:demo", "--workdir=runs/my run",
                    "--config.batch_size=512"]
   assert not os.path.exists(stubs[1] / "argv")
+
+
+def test_gpu_keeps_the_callers_xla_flags(stubs):
+  """The recommended flags join the caller's; a flag the caller set wins."""
+  env = script_env(stubs, XLA_FLAGS="--xla_gpu_triton_gemm_any=false "
+                   "--xla_dump_to=/tmp/d", NCCL_PROTO="SIMPLE")
+  [words] = commands(run(GPU, "--dry-run", "--workdir=w", env=env).stdout)
+  assert ("XLA_FLAGS=--xla_gpu_triton_gemm_any=false --xla_dump_to=/tmp/d "
+          "--xla_gpu_enable_latency_hiding_scheduler=true") in words
+  assert "NCCL_PROTO=SIMPLE" in words
+
+
+def test_gpu_runs_the_suite(stubs):
+  """JOB= runs another module, with no pretraining config of its own."""
+  env = script_env(stubs, JOB="detco_jax.benchmark.suite")
+  [words] = commands(run(GPU, "--dry-run", "--workdir=suite_out",
+                         "--budget_s=480", env=env).stdout)
+  assert words[words.index("python"):] == [
+      "python", "-m", "detco_jax.benchmark.suite", "--distributed=off",
+      "--workdir=suite_out", "--budget_s=480"]
+  result = run(GPU, "--dry-run", "--workdir=w", env=script_env(
+      stubs, JOB="detco_jax.main; rm -rf"), check=False)
+  assert result.returncode != 0 and "JOB must be a module" in result.stderr
 
 
 def test_gpu_runs_the_job(stubs):
@@ -428,7 +469,10 @@ def test_gpu_runs_the_job(stubs):
     assert (stubs[1] / "argv").read_text().splitlines() == [
         "-m", "detco_jax.main", "--distributed=off",
         "--config=configs/detco.py", "--workdir=runs/w", "--config.seed=1"]
-    assert "FRACTION=0.8" in (stubs[1] / "env").read_text()
+    job_env = (stubs[1] / "env").read_text()
+    assert "FRACTION=0.8" in job_env
+    assert ("XLA_FLAGS=" + " ".join(suite.GPU_XLA_FLAGS)) in job_env
+    assert "NCCL_PROTO=SIMPLE,LL,LL128" in job_env
     # exec: the script's pid is the job's, so SIGTERM reaches it directly.
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
@@ -464,9 +508,10 @@ def test_slurm_dry_run(stubs):
   result = run(SLURM, "--config=configs/detco.py", "--workdir=/shared/r50",
                "--config.batch_size=512", env=env)
   [words] = commands(result.stdout)
-  assert words[:2] == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3",
-                       "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"]
-  srun = words[2:]
+  assert words[:3] == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3",
+                       "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+                       "XLA_FLAGS=" + " ".join(suite.GPU_XLA_FLAGS)]
+  srun = words[3:]
   assert srun[0] == "srun" and "--ntasks-per-node=1" in srun
   assert srun[srun.index("python"):] == [
       "python", "-m", "detco_jax.main", "--distributed=on",

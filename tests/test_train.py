@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import detco as detco_config
 from detco_jax import checkpoint as checkpoint_lib
+from detco_jax import loop
 from detco_jax import train
 from tests import jobcheck
 
@@ -61,6 +62,45 @@ def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
   jobcheck.check_stop_and_nan_resume(
       lambda workdir: train.job(config, workdir), tmp_path, stop_k=3,
       nan_k=5)
+
+
+@pytest.mark.long
+def test_lars_first_step_moves_each_kernel_by_its_trust_ratio(config,
+                                                             tmp_path):
+  """LARS (launch/README.md's large-batch optimiser) is what trains.
+
+  Its first step, from a zero momentum, moves every weight matrix by
+  lr x 0.001 (the trust coefficient) x its own norm, whatever the gradient's
+  scale: a property of LARS alone, checked on the real job's step.
+  """
+  config.optimizer = "lars"
+  config.warmup_epochs = 0.0  # The first step at the peak rate.
+  config.total_steps = 1
+  config.write_views_image = False
+  before = jax.device_get(
+      train.job(config, str(tmp_path / "init")).init_state(False).params)
+  after = jax.device_get(loop.run(train.job(config, str(tmp_path / "run")))
+                         .state.params)
+  lr = config.base_lr * config.batch_size / config.lr_base_batch
+  kernels = 0
+  for w0, w1 in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert np.all(np.isfinite(w1))
+    if w0.ndim > 1:
+      kernels += 1
+      moved = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
+      np.testing.assert_allclose(moved, lr * 1e-3, rtol=0.02)
+  assert kernels > 10
+
+
+@pytest.mark.long
+def test_lars_run_resumes_exactly(config, tmp_path):
+  """LARS's state (its momentum) is saved and restored like SGD's."""
+  config.optimizer = "lars"
+  config.write_views_image = False
+  straight = jobcheck.check_stop_and_nan_resume(
+      lambda workdir: train.job(config, workdir), tmp_path, stop_k=3,
+      nan_k=5)
+  assert np.isfinite(straight.last["loss"])
 
 
 @pytest.mark.long

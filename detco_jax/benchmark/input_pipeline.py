@@ -32,7 +32,6 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Run from any directory of a checkout: make its `configs` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -177,4 +176,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  # Alone, it needs no accelerator. Not on import: the suite imports this
+  # module after JAX has taken the GPUs (TensorFlow is kept off them by
+  # `sources.hide_accelerators_from_tf` either way).
+  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
   cli.run(main, define_flags)
