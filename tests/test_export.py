@@ -22,8 +22,8 @@ import pytest
 
 from configs import detco
 from detco_jax import export
-from detco_jax.export import names
-from detco_jax.export import torch_format
+from detco_jax.interop import names
+from detco_jax.interop import torch_format
 from detco_jax import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -39,9 +39,8 @@ bottleneck convs).
 The export runs in a single process; on a multi-host job run it once, on
 one host that can read the workdir.
 
-Layout: `names` (the torchvision / detectron2 names and state dicts),
-`torch_format` (torch's file format, without torch); this package holds the
-job (`export`, `run`) and its command line (`python -m detco_jax.export`).
+This package holds the job (`export`, `run`) and its command line
+(`python -m detco_jax.export`); the formats are `detco_jax.interop`'s.
 """
 
 import pickle
@@ -52,8 +51,8 @@ from absl import logging
 from etils import epath
 
 from detco_jax import pretrained
-from detco_jax.export import names
-from detco_jax.export import torch_format
+from detco_jax.interop import names
+from detco_jax.interop import torch_format
 
 FORMATS = ("torchvision", "detectron2")
 
