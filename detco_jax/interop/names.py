@@ -3,12 +3,16 @@
 `torchvision_state_dict` maps the variables of a `models.resnet.ResNet` to a
 torchvision ResNet state dict (names, OIHW kernels, torch's order);
 `detectron2_name` and `detectron2_checkpoint` rename that state dict for
-detectron2, as MoCo's `convert-pretrain-to-detectron2.py` does.
+detectron2, as MoCo's `convert-pretrain-to-detectron2.py` does. The way
+back: `torchvision_name` undoes `detectron2_name`, `variable_path` names the
+Flax variable of a torchvision tensor name, and `from_torchvision` undoes
+`torchvision_state_dict`; `torchvision_shapes` lists the names and torch
+shapes a ResNet's variables take, to check a file against.
 """
 
 import collections
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -26,6 +30,16 @@ _LEAVES = {
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
+# The way back: torch module kind and leaf -> Flax collection and leaf.
+_TORCH_LEAVES = {
+    ("conv", "weight"): ("params", "kernel"),
+    ("bn", "weight"): ("params", "scale"),
+    ("bn", "bias"): ("params", "bias"),
+    ("bn", "running_mean"): ("batch_stats", "mean"),
+    ("bn", "running_var"): ("batch_stats", "var"),
+}
+_TORCH_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.(.+)")
+_FLAX_SHORTCUT = {v: k for k, v in _SHORTCUT.items()}
 # torch's state_dict lists a module's parameters, then its buffers.
 _LEAF_ORDER = ("weight", "bias", "running_mean", "running_var",
                "num_batches_tracked")
@@ -73,6 +87,47 @@ def _order(name: str) -> tuple[int, ...]:
   return tuple(key) + (_LEAF_ORDER.index(leaf),)
 
 
+def _torch_entries(variables: Mapping[str, Any]
+                   ) -> Iterator[tuple[str, str, Any]]:
+  """(torch name, Flax leaf name, value) of each variable of a ResNet tree.
+
+  Raises:
+    ValueError: when the tree is not a `models.resnet.ResNet`'s.
+  """
+  if set(variables) != {"params", "batch_stats"}:
+    raise ValueError("Expected {'params', 'batch_stats'} of the ResNet, got "
+                     f"{sorted(variables)}.")
+  for collection in ("params", "batch_stats"):
+    flat = traverse_util.flatten_dict(variables[collection])
+    for path, value in flat.items():
+      module = _torch_module(path[:-1])
+      leaf = _LEAVES.get((collection, path[-1]))
+      if leaf is None:
+        raise ValueError(f"Unexpected variable {collection}/{'/'.join(path)}.")
+      yield f"{module}.{leaf}", path[-1], value
+
+
+def _with_batch_counts(tensors: dict[str, Any], count: Any
+                       ) -> "collections.OrderedDict[str, Any]":
+  """`tensors` with each BN's `num_batches_tracked`, in torch's order.
+
+  Raises:
+    ValueError: when a BN lacks its statistics.
+  """
+  modules = {name.rpartition(".")[0] for name in tensors}
+  bns = {m for m in modules
+         if m.rpartition(".")[2].startswith("bn") or m.endswith("downsample.1")}
+  out = dict(tensors)
+  for module in bns:
+    missing = [f"{module}.{leaf}" for leaf in _LEAF_ORDER[1:4]
+               if f"{module}.{leaf}" not in out]
+    if missing:
+      raise ValueError(f"Batch norm {module} lacks {missing}.")
+    out[f"{module}.num_batches_tracked"] = count
+  return collections.OrderedDict(
+      (name, out[name]) for name in sorted(out, key=_order))
+
+
 def torchvision_state_dict(
     variables: Mapping[str, Any]) -> "collections.OrderedDict[str, np.ndarray]":
   """The ResNet's variables as a torchvision ResNet state dict (no `fc`).
@@ -96,35 +151,98 @@ def torchvision_state_dict(
     ValueError: when the tree is not such a ResNet's, or a BN lacks its
       statistics.
   """
-  if set(variables) != {"params", "batch_stats"}:
-    raise ValueError("Expected {'params', 'batch_stats'} of the ResNet, got "
-                     f"{sorted(variables)}.")
-  # One transfer for the whole tree rather than one per array.
-  host = jax.device_get(dict(variables))
   out = {}
-  bns = set()
-  for collection in ("params", "batch_stats"):
-    flat = traverse_util.flatten_dict(host[collection])
-    for path, value in flat.items():
-      module = _torch_module(path[:-1])
-      leaf = _LEAVES.get((collection, path[-1]))
-      if leaf is None:
-        raise ValueError(f"Unexpected variable {collection}/{'/'.join(path)}.")
-      value = np.asarray(value, np.float32)
-      if path[-1] == "kernel":
-        # HWIO -> OIHW, stored C-contiguous like torch's tensors.
-        value = np.ascontiguousarray(value.transpose(3, 2, 0, 1))
-      if path[-1] == "scale":
-        bns.add(module)
-      out[f"{module}.{leaf}"] = value
-  for module in bns:
-    missing = [f"{module}.{leaf}" for leaf in _LEAF_ORDER[1:4]
-               if f"{module}.{leaf}" not in out]
-    if missing:
-      raise ValueError(f"Batch norm {module} lacks {missing}.")
-    out[f"{module}.num_batches_tracked"] = np.array(0, np.int64)
-  return collections.OrderedDict(
-      (name, out[name]) for name in sorted(out, key=_order))
+  # One transfer for the whole tree rather than one per array.
+  for name, leaf, value in _torch_entries(jax.device_get(dict(variables))):
+    value = np.asarray(value, np.float32)
+    if leaf == "kernel":
+      # HWIO -> OIHW, stored C-contiguous like torch's tensors.
+      value = np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+    out[name] = value
+  return _with_batch_counts(out, np.array(0, np.int64))
+
+
+def torchvision_shapes(
+    variables: Mapping[str, Any]) -> "collections.OrderedDict[str, tuple]":
+  """The torch names and shapes of a ResNet's variables, in torch's order.
+
+  Args:
+    variables: `{"params": ..., "batch_stats": ...}` of a
+      `models.resnet.ResNet`, as arrays or `jax.ShapeDtypeStruct`s (e.g.
+      from `jax.eval_shape` of its `init`).
+
+  Returns:
+    What `torchvision_state_dict` would give, as name -> shape (OIHW for
+    kernels, () for `num_batches_tracked`).
+  """
+  out = {}
+  for name, leaf, value in _torch_entries(variables):
+    shape = tuple(value.shape)
+    out[name] = (shape[3], shape[2], shape[0], shape[1]) if (
+        leaf == "kernel") else shape
+  return _with_batch_counts(out, ())
+
+
+def variable_path(name: str) -> tuple[str, ...] | None:
+  """The Flax variable of a torchvision ResNet tensor name.
+
+  The inverse of `torchvision_state_dict`'s naming.
+
+  Args:
+    name: e.g. "layer2.0.downsample.1.running_mean".
+
+  Returns:
+    (collection, *module path, leaf), e.g. ("batch_stats", "layer2_0",
+    "downsample_bn", "mean"); None for a name that is no variable of a
+    `models.resnet.ResNet` (`num_batches_tracked` included: the model keeps
+    no such count).
+  """
+  module, _, leaf = name.rpartition(".")
+  if module in ("conv1", "bn1"):
+    path = (module,)
+  else:
+    block = _TORCH_BLOCK.fullmatch(module)
+    if not block:
+      return None
+    sub = _FLAX_SHORTCUT.get(block[3], block[3])
+    if not (_CONV_OR_BN.fullmatch(sub) or sub in _SHORTCUT):
+      return None
+    path = (f"layer{block[1]}_{block[2]}", sub)
+  kind = "conv" if "conv" in path[-1] else "bn"
+  found = _TORCH_LEAVES.get((kind, leaf))
+  return None if found is None else (found[0], *path, found[1])
+
+
+def from_torchvision(
+    state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """The ResNet's variables of a torchvision ResNet state dict (no `fc`).
+
+  The inverse of `torchvision_state_dict`: OIHW kernels become HWIO, BN's
+  weight, bias, running_mean and running_var its scale, bias, mean and var
+  (float32); `num_batches_tracked` is dropped.
+
+  Args:
+    state_dict: torchvision tensor name -> array.
+
+  Returns:
+    `{"params": ..., "batch_stats": ...}` as nested dicts of numpy arrays
+    (no "batch_stats" when the state dict has no running statistics).
+
+  Raises:
+    ValueError: naming a tensor that is no variable of the ResNet.
+  """
+  flat = {}
+  for name, value in state_dict.items():
+    if name.endswith(".num_batches_tracked"):
+      continue
+    path = variable_path(name)
+    if path is None:
+      raise ValueError(f"{name} is not a tensor of a torchvision ResNet.")
+    value = np.asarray(value, np.float32)
+    if path[-1] == "kernel":
+      value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    flat[path] = value
+  return traverse_util.unflatten_dict(flat)
 
 
 def detectron2_name(name: str) -> str:
@@ -146,6 +264,27 @@ def detectron2_name(name: str) -> str:
   name = re.sub(r"\bbn(\d)", r"conv\1.norm", name)
   name = name.replace("downsample.0", "shortcut")
   return name.replace("downsample.1", "shortcut.norm")
+
+
+def torchvision_name(name: str) -> str:
+  """torchvision's ResNet name of a detectron2 ResNet tensor name.
+
+  The inverse of `detectron2_name`. A name outside detectron2's ResNet comes
+  back with only its `stem.` prefix removed: MoCo's converter renames the
+  MLP head `fc.0.weight` to `stem.fc.0.weight`, and this makes it `fc.*`
+  again.
+
+  Args:
+    name: e.g. "res3.0.shortcut.norm.running_mean".
+
+  Returns:
+    E.g. "layer2.0.downsample.1.running_mean".
+  """
+  name = name.replace("shortcut.norm", "downsample.1")
+  name = name.replace("shortcut", "downsample.0")
+  name = re.sub(r"\bconv(\d)\.norm", r"bn\1", name)
+  name = re.sub(r"^res(\d)", lambda m: f"layer{int(m[1]) - 1}", name)
+  return name[len("stem."):] if name.startswith("stem.") else name
 
 
 def detectron2_checkpoint(
