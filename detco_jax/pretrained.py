@@ -300,6 +300,39 @@ def load_file(path: str, settings: Mapping[str, Any] | None = None,
                   f"{path} ({imported.arch})")
 
 
+def load_source(path: str, step: int | None = None,
+                settings: Mapping[str, Any] | None = None,
+                mesh: Mesh | None = None) -> Backbone:
+  """The backbone of a pretraining workdir (`load`) or a file (`load_file`).
+
+  Args:
+    path: a pretraining run's workdir, or a checkpoint file.
+    step: a workdir's checkpoint; None for the latest. Must be None for a
+      file.
+    settings: a file's settings (`file_settings`); ignored for a workdir,
+      whose config.json records its own.
+    mesh: the mesh for the replicated variables; default all devices.
+
+  Returns:
+    The backbone.
+
+  Raises:
+    FileNotFoundError: when `path` is neither.
+    ValueError: for a step with a file, or a source without a backbone.
+  """
+  if is_file(path):
+    if step is not None:
+      raise ValueError(
+          f"Step {step} names a checkpoint of a pretraining workdir, but "
+          f"{path} is a checkpoint file: drop the step.")
+    return load_file(path, settings, mesh)
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint file nor a pretraining workdir (a "
+        "directory with config.json and checkpoints/).")
+  return load(path, step, mesh)
+
+
 def for_probe(config: ml_collections.ConfigDict,
               mesh: Mesh | None = None) -> Backbone:
   """The backbone a probe config names: restored, or untrained (floor).
@@ -323,20 +356,13 @@ def for_probe(config: ml_collections.ConfigDict,
         "probe takes the backbone (and, with --config.random_init=True, just "
         "its architecture) from a pretraining run's workdir or from a "
         "torchvision / MoCo / DetCo .pth or detectron2 .pkl file.")
-  if not is_file(config.pretrained):
-    if config.random_init:
-      return random_init(load_config(config.pretrained), config.seed, mesh)
-    return load(config.pretrained, config.pretrained_step, mesh)
-  if config.pretrained_step is not None:
-    raise ValueError(
-        f"--config.pretrained_step={config.pretrained_step} names a "
-        f"checkpoint of a workdir, but {config.pretrained} is a file: drop "
-        "the step.")
   settings = file_settings(config.get("pretrained_file"))
-  if config.random_init:
-    # Only the architecture is taken from the file.
-    imported = backbone_file.read(config.pretrained, settings,
-                                  require_bn_stats=False)
-    return random_init(file_config(imported.arch, settings), config.seed,
+  if not config.random_init:
+    return load_source(config.pretrained, config.pretrained_step, settings,
                        mesh)
-  return load_file(config.pretrained, settings, mesh)
+  if not is_file(config.pretrained):
+    return random_init(load_config(config.pretrained), config.seed, mesh)
+  # Only the architecture is taken from the file.
+  imported = backbone_file.read(config.pretrained, settings,
+                                require_bn_stats=False)
+  return random_init(file_config(imported.arch, settings), config.seed, mesh)

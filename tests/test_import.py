@@ -613,11 +613,15 @@ def test_a_step_for_a_file_is_an_error(tmp_path):
   torch.save(torch_resnet.ResNet(10, 8, "cifar").state_dict(), path)
   config = linear_probe.get_config("tiny")
   config.pretrained, config.pretrained_step = str(path), 3
-  with pytest.raises(ValueError, match="is a file: drop the step"):
+  with pytest.raises(ValueError, match="is a checkpoint file: drop the step"):
     pretrained.for_probe(config)
-  with pytest.raises(ValueError, match="is a file: drop --step"):
+  with pytest.raises(ValueError, match="is a checkpoint file: drop the step"):
     export.run(str(path), "torchvision", str(tmp_path / "x.pth"), step=3)
   assert not (tmp_path / "x.pth").exists()
+  with pytest.raises(FileNotFoundError,
+                     match="neither a checkpoint file nor a pretraining"):
+    export.run(str(tmp_path / "nothing.pth"), "torchvision",
+               str(tmp_path / "x.pth"))
   # With random_init, only the architecture is taken from the file.
   config.pretrained_step, config.random_init = None, True
   floor = pretrained.for_probe(config)

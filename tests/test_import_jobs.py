@@ -113,7 +113,7 @@ def test_attention_maps(torch_file, builtin_data_dir, tmp_path):
   with np.load(os.path.join(out, "attention_maps.npz")) as npz:
     for stage, side in zip(attention.STAGES, (32, 16, 8, 4)):
       assert npz[f"torch/{stage}/raw"].shape == (3, side, side)
-  with pytest.raises(ValueError, match="a checkpoint file has no steps"):
+  with pytest.raises(ValueError, match="is a checkpoint file: drop the step"):
     attention.run([f"torch:{torch_file}@3"], out, config=config)
 
 

@@ -279,13 +279,11 @@ def load_backbones(runs: Sequence[RunSpec], step: int | None = None,
     raise ValueError(f"--run labels must be distinct, got {labels}.")
 
   def load(run):
-    if not pretrained.is_file(run.workdir):
-      return pretrained.load(run.workdir,
-                             run.step if run.step is not None else step)
-    if run.step is not None:
-      raise ValueError(f"--run={run.label}:{run.workdir}@{run.step}: a "
-                       "checkpoint file has no steps; drop @STEP.")
-    return pretrained.load_file(run.workdir, file_settings)
+    if pretrained.is_file(run.workdir):
+      # A file has no steps: only its own @STEP is a mistake.
+      return pretrained.load_source(run.workdir, run.step, file_settings)
+    return pretrained.load(run.workdir,
+                           run.step if run.step is not None else step)
 
   loaded = {r.label: load(r) for r in runs if r.workdir is not None}
   if not loaded:

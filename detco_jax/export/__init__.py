@@ -145,9 +145,4 @@ def run(source: str, fmt: str, out: str,
   """
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
-  if not pretrained.is_file(source):
-    return export(pretrained.load(source, step), fmt, out)
-  if step is not None:
-    raise ValueError(f"--step={step} names a checkpoint of a workdir, but "
-                     f"{source} is a file: drop --step.")
-  return export(pretrained.load_file(source), fmt, out)
+  return export(pretrained.load_source(source, step), fmt, out)
