@@ -358,15 +358,34 @@ def add_backbone_source(c: ConfigDict, frozen: bool = True) -> None:
       are measured on data; False for jobs that train BN (detection).
   """
   # The pretraining run's --workdir (its config.json says the architecture
-  # and the input normalisation).
+  # and the input normalisation), or a checkpoint file: a torchvision /
+  # MoCo / DetCo .pth(.tar) or a detectron2 .pkl (docs/checkpoints.md).
   c.pretrained = placeholder(str)
   c.pretrained_step = placeholder(int)  # None: its latest checkpoint.
   c.random_init = False                 # The untrained network (the floor).
+  # A checkpoint file's settings (detco_jax/pretrained.py FILE_DEFAULTS).
+  c.pretrained_file = ConfigDict(dict(
+      # The architecture; unset: inferred from the tensors. Set, the file
+      # must fit it.
+      depth=placeholder(int),
+      width=placeholder(int),
+      stem=placeholder(str),             # "imagenet" or "cifar".
+      # The input the network expects: images scaled to 0..pixel_range,
+      # channels in this order, then (x - mean) / std. torchvision's
+      # convention, which MoCo's and DetCo's releases follow.
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      pixel_range=1.0,
+      channels="RGB",                    # Or "BGR".
+  ))
   if frozen:
     # The floor's BN running statistics: averaged over this many batches of
     # the probe's training images (0: their init, mean 0 and var 1, which
     # leaves an untrained network unnormalised in evaluation mode).
     c.random_init_bn_batches = 10
+    # A file's BN running statistics: 0 takes them from the file (one
+    # without them is refused); N > 0 measures them on N batches.
+    c.pretrained_file.bn_batches = 0
 
 
 def builtin_demo(c: ConfigDict) -> None:

@@ -3,9 +3,10 @@ r"""Detection transfer (RetinaNet) of a pretrained backbone: data and views.
   python -m detco_jax.eval.detection --config=configs/detection.py:demo \
       --config.pretrained=$PRETRAIN_WORKDIR --workdir=$DETECTION_WORKDIR
 
-The backbone comes from a pretraining run's workdir (`pretrained`,
-`pretrained_step`; `random_init=True` for the untrained floor) and keeps its
-architecture; `model` describes the FPN, anchors and head around it.
+The backbone comes from a pretraining run's workdir or a checkpoint file
+(`pretrained`, `pretrained_step`, `pretrained_file`: docs/checkpoints.md;
+`random_init=True` for the untrained floor) and keeps its architecture;
+`model` describes the FPN, anchors and head around it.
 The detector, its losses and its schedule are detectron2's RetinaNet R50-FPN
 1x (Base-RetinaNet.yaml): P3..P7, anchors 32..512 with 3 scales per octave
 and ratios 0.5/1/2, IoU thresholds 0.4/0.5, focal alpha 0.25 gamma 2, an L1

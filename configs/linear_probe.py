@@ -11,8 +11,11 @@ Expected for DetCo ResNet-50, 200 epochs (paper, Table 12 / Table 1): Res5
 top-1 68.6, top-5 88.5. The frozen backbone is the query encoder of the
 latest checkpoint (`--config.pretrained_step` picks another); its
 architecture and input normalisation come from the pretraining run's
-config.json. `--config.random_init=True` probes the same architecture
-untrained: the floor.
+config.json. `--config.pretrained` may also be a checkpoint file (a
+torchvision / MoCo / DetCo .pth(.tar), a detectron2 .pkl): its tensors give
+the architecture, `pretrained_file` the input normalisation (torchvision's
+by default); docs/checkpoints.md. `--config.random_init=True` probes the
+same architecture untrained: the floor.
 
 Variants (`--config=configs/linear_probe.py:VARIANT`):
 

@@ -22,8 +22,9 @@ import pytest
 
 from configs import detco
 from detco_jax import export
-from detco_jax.export import names
-from detco_jax.export import torch_format
+from detco_jax.interop import names
+from detco_jax.interop import safe_pickle
+from detco_jax.interop import torch_format
 from detco_jax import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +172,7 @@ def test_torch_file_format_without_torch(resnet50_state_dict, tmp_path):
   sd = resnet50_state_dict
   path = tmp_path / "r50.pth"
   path.write_bytes(torch_format.torch_bytes(sd, "r50"))
-  back = torch_format.read_torch_file(str(path))
+  back = safe_pickle.read_file(str(path)).obj
   assert list(back) == list(sd)
   for k, v in sd.items():
     assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
@@ -252,7 +253,7 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path, caplog):
   step3 = pretrained.load(workdir, step=3)
   assert step3.step == 3
   expected = names.torchvision_state_dict(step3.variables)
-  back = torch_format.read_torch_file(str(out))
+  back = safe_pickle.read_file(str(out)).obj
   assert list(back) == list(expected)
   for k, v in expected.items():
     np.testing.assert_array_equal(back[k], v)

@@ -7,13 +7,21 @@ active, DetCo and MoCo v2 side by side:
       --run=detco:$DETCO_WORKDIR --run=mocov2:$MOCO_WORKDIR \
       --run=random:random --out=$OUT [--num_images=8] [--split=test] \
       [--data_dir=...] [--step=...] [--p=1] [--ratio_images=500]
+  python -m detco_jax.eval.attention \
+      --run=mocov2:moco_v2_200ep_pretrain.pth.tar --run=random:random \
+      --config=configs/linear_probe.py --out=$OUT
 
 `--run=LABEL:WORKDIR[@STEP]` names a pretraining run (its latest checkpoint,
-`--step`, or STEP); `--run=LABEL:random` is the untrained floor, with the
-architecture of the first workdir run. The images are the first
-`--num_images` of the first workdir run's dataset (`config.data`, split
-`--split`, default its `eval_split`), resized and centre-cropped like the
-linear probe's test views; every run sees the same images.
+`--step`, or STEP); `--run=LABEL:FILE` a checkpoint file (a torchvision /
+MoCo / DetCo `.pth`, a detectron2 `.pkl`; `detco_jax.pretrained.load_file`);
+`--run=LABEL:random` is the untrained floor, with the architecture of the
+first other run. The images are the first `--num_images` of a dataset
+(`config.data`, split `--split`, default its `eval_split`), resized and
+centre-cropped like the linear probe's test views; every run sees the same
+images. The dataset is that of `--config` (a probe config, e.g.
+`--config=configs/linear_probe.py:demo`, whose `pretrained_file` settings
+the file runs also take), else that of the first workdir run; a file names
+no dataset.
 
 A stage's map (Zagoruyko & Komodakis, "Paying more attention to attention",
 activation-based attention): the channel mean of |a|^p of the stage's output
@@ -51,6 +59,7 @@ import copy
 import dataclasses
 import io
 import re
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -61,6 +70,7 @@ from absl import flags
 from absl import logging
 from clu import metric_writers
 from etils import epath
+from ml_collections import config_flags
 from PIL import Image
 
 from detco_jax import pretrained
@@ -209,7 +219,8 @@ def stage_ratios(backbone: pretrained.Backbone, images: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One `--run`: a label and a workdir (None: random initialisation)."""
+  """One `--run`: a label and a workdir or checkpoint file (None: random
+  initialisation)."""
   label: str
   workdir: str | None
   step: int | None = None
@@ -244,33 +255,70 @@ def parse_run(spec: str) -> RunSpec:
 
 
 def load_backbones(runs: Sequence[RunSpec], step: int | None = None,
-                   seed: int = 0) -> list[pretrained.Backbone]:
+                   seed: int = 0,
+                   file_settings: Any = None) -> list[pretrained.Backbone]:
   """Loads each run's backbone, in order (every process must call this).
 
   Args:
     runs: the runs; labels must be distinct and at least one must have a
-      workdir.
-    step: the checkpoint of runs without their own `@STEP`; None: latest.
+      workdir or a file.
+    step: the checkpoint of workdir runs without their own `@STEP`; None:
+      latest.
     seed: the initialisation seed of random runs.
+    file_settings: the settings of file runs (a probe config's
+      `pretrained_file`); None: `pretrained.FILE_DEFAULTS`.
 
   Returns:
-    One backbone per run. Random runs take the first workdir run's config.
+    One backbone per run. Random runs take the first other run's config.
 
   Raises:
-    ValueError: duplicate labels, or only random runs.
+    ValueError: duplicate labels, only random runs, or a step for a file.
   """
   labels = [r.label for r in runs]
   if len(set(labels)) != len(labels):
     raise ValueError(f"--run labels must be distinct, got {labels}.")
-  loaded = {r.label: pretrained.load(r.workdir, r.step if r.step is not None
-                                     else step)
-            for r in runs if r.workdir is not None}
+
+  def load(run):
+    if pretrained.is_file(run.workdir):
+      # A file has no steps: only its own @STEP is a mistake.
+      return pretrained.load_source(run.workdir, run.step, file_settings)
+    return pretrained.load(run.workdir,
+                           run.step if run.step is not None else step)
+
+  loaded = {r.label: load(r) for r in runs if r.workdir is not None}
   if not loaded:
-    raise ValueError("A random run needs a workdir run to copy its "
-                     "architecture from: add --run=LABEL:WORKDIR.")
+    raise ValueError("A random run needs a workdir run (or a checkpoint "
+                     "file) to copy its architecture from: add "
+                     "--run=LABEL:WORKDIR.")
   config = next(iter(loaded.values())).config
   return [loaded[r.label] if r.workdir is not None
           else pretrained.random_init(config, seed) for r in runs]
+
+
+def images_config(backbones: Sequence[pretrained.Backbone],
+                  config: ml_collections.ConfigDict | None
+                  ) -> ml_collections.ConfigDict:
+  """The config whose `data` and `eval_views` give the images.
+
+  Args:
+    backbones: the runs' backbones.
+    config: the `--config` probe config, if given.
+
+  Returns:
+    `config`, else the first workdir run's pretraining config.
+
+  Raises:
+    ValueError: when neither names a dataset (only file and random runs).
+  """
+  if config is not None:
+    return config
+  for backbone in backbones:
+    if "data" in backbone.config:
+      return backbone.config
+  raise ValueError(
+      "No run names a dataset (checkpoint files carry none): add "
+      "--config=configs/linear_probe.py:VARIANT, whose data and eval_views "
+      "give the images.")
 
 
 def load_images(config: ml_collections.ConfigDict, split: str | None,
@@ -404,8 +452,9 @@ def write_outputs(out: str, images: np.ndarray, image_labels: np.ndarray,
 def run(specs: Sequence[str], out: str, *, num_images: int = 8,
         split: str | None = None, data_dir: str | None = None,
         step: int | None = None, p: float = 1.0, seed: int = 0,
-        alpha: float = 0.5,
-        ratio_images: int = 500) -> dict[str, Any] | None:
+        alpha: float = 0.5, ratio_images: int = 500,
+        config: ml_collections.ConfigDict | None = None
+        ) -> dict[str, Any] | None:
   """The job: load, compute on process 0, write (see module doc).
 
   Args:
@@ -420,6 +469,9 @@ def run(specs: Sequence[str], out: str, *, num_images: int = 8,
     alpha: the heat maps' opacity.
     ratio_images: test images for the object/background ratios (0: none;
       datasets without masks have none).
+    config: a probe config whose `data` and `eval_views` give the images
+      and whose `pretrained_file` the file runs take; None: the first
+      workdir run's dataset and `pretrained.FILE_DEFAULTS`.
 
   Returns:
     On process 0 {"images", "image_labels", "results"} as written, and
@@ -429,11 +481,11 @@ def run(specs: Sequence[str], out: str, *, num_images: int = 8,
   runs = [parse_run(s) for s in specs]
   if not runs:
     raise ValueError("Give at least one --run=LABEL:WORKDIR.")
-  backbones = load_backbones(runs, step, seed)
+  backbones = load_backbones(
+      runs, step, seed, config.get("pretrained_file") if config else None)
+  config = images_config(backbones, config)
   if jax.process_index() != 0:
     return None
-  # Random runs carry the first workdir run's config: the same dataset.
-  config = backbones[0].config
   images, image_labels = load_images(config, split, num_images, data_dir)
   results = {}
   for spec, backbone in zip(runs, backbones):
@@ -467,9 +519,14 @@ def _define_flags() -> None:
   modules (tests, notebooks) must not clash on flag names such as --step.
   """
   flags.DEFINE_multi_string(
-      "run", None, "LABEL:WORKDIR[@STEP] of a pretraining run, or "
-      "LABEL:random for the untrained floor; repeat for several.",
-      required=True)
+      "run", None, "LABEL:WORKDIR[@STEP] of a pretraining run, LABEL:FILE "
+      "of a checkpoint file, or LABEL:random for the untrained floor; "
+      "repeat for several.", required=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "A probe config (e.g. configs/linear_probe.py:demo): "
+      "its data and eval_views give the images, its pretrained_file the "
+      "file runs' settings; default the first workdir run's dataset.",
+      lock_config=True)
   flags.DEFINE_string("out", None, "Output directory.", required=True)
   flags.DEFINE_integer("num_images", 8, "Images (rows).")
   flags.DEFINE_string("split", None,
@@ -490,8 +547,9 @@ def main() -> None:
   f = flags.FLAGS
   run(f.run, f.out, num_images=f.num_images, split=f.split,
       data_dir=f.data_dir, step=f.step, p=f.p, seed=f.seed, alpha=f.alpha,
-      ratio_images=f.ratio_images)
+      ratio_images=f.ratio_images, config=f.config)
 
 
 if __name__ == "__main__":
+  cli.make_configs_importable(sys.argv)
   cli.run(main, _define_flags)

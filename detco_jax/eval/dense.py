@@ -4,6 +4,8 @@ r"""Dense linear probe: per-pixel classifiers on frozen stage maps, mIoU.
       --config.pretrained=PRETRAIN_WORKDIR --workdir=DIR \
       [--config.random_init=True] [--config.pretrained_step=N]
 
+(`--config.pretrained` may also be a checkpoint file: docs/checkpoints.md.)
+
 Each stage's map (res2..res5) of the frozen backbone is standardised per
 channel with fixed statistics (measured once on training batches), and a 1x1
 conv per stage predicts class logits, which are upsampled bilinearly to the

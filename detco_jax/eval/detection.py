@@ -4,7 +4,9 @@ r"""Detection transfer: fine-tune a RetinaNet (FPN) on a pretrained backbone.
       --config.pretrained=PRETRAIN_WORKDIR --workdir=DIR \
       [--config.random_init=True]
 
-The pretraining run's query ResNet (all stages trainable by default, as in
+The pretraining run's query ResNet (or a checkpoint file's, with
+`--config.pretrained=FILE`: docs/checkpoints.md; all stages trainable by
+default, as in
 the paper's transfer; `model.frozen_stages` freezes a prefix) gets an FPN and
 a RetinaNet head (detco_jax/models/retinanet.py), and the whole detector is
 trained with focal loss and an L1 box loss (detco_jax/detection/) through the

@@ -20,16 +20,24 @@ Array = jax.Array
 
 
 def preprocess(images: Array, norm: Any) -> Array:
-  """uint8 [..., H, W, 3] -> float32, normalised as in pretraining.
+  """uint8 [..., H, W, 3] -> float32, normalised as the backbone expects.
 
   Args:
-    images: uint8 (or float in 0..255) images.
-    norm: an object with `mean` and `std` (the pretraining `config.aug`).
+    images: uint8 (or float in 0..255) RGB images.
+    norm: the backbone's `config.aug`: `mean` and `std` (of images in
+      0..1), and for a checkpoint file also `pixel_range` (images are
+      scaled to 0..pixel_range before mean and std apply; default 1) and
+      `channels` ("RGB", or "BGR" to reverse them first).
 
   Returns:
     Normalised float32 images.
   """
-  return augment.normalize(images.astype(jnp.float32) / 255.0, norm)
+  x = images.astype(jnp.float32)
+  pixel_range = norm.get("pixel_range", 1.0)
+  x = x / 255.0 if pixel_range == 1.0 else x * (pixel_range / 255.0)
+  if norm.get("channels", "RGB") == "BGR":
+    x = x[..., ::-1]
+  return augment.normalize(x, norm)
 
 
 def stage_maps(backbone: Backbone, variables: Any, images: Array,

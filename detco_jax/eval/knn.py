@@ -12,6 +12,7 @@ On its own:
   python -m detco_jax.eval.knn --config=configs/linear_probe.py:demo \
       --config.pretrained=PRETRAIN_WORKDIR --workdir=DIR
 
+(`--config.pretrained` may also be a checkpoint file: docs/checkpoints.md.)
 Inside pretraining, `config.knn.every_steps > 0` runs it on the query
 backbone every that many steps (see `detco_jax.train`).
 """

@@ -3,11 +3,12 @@ r"""The linear-probe job: frozen backbone, one linear classifier per stage.
   python -m detco_jax.eval.linear --config=configs/linear_probe.py \
       --config.pretrained=PRETRAIN_WORKDIR --workdir=DIR
 
-It restores the query backbone of a pretraining checkpoint, freezes it, and
-trains a linear classifier on the global-average-pooled map of each stage
-(res2..res5, the paper's Table 12) with the MoCo protocol: SGD, lr 30,
-momentum 0.9, no weight decay, step decay; RandomResizedCrop + flip for
-training, resize + centre crop for test. All four heads train in one jitted
+It restores the query backbone of a pretraining checkpoint (or the ResNet of
+a checkpoint file, `--config.pretrained=FILE.pth`: docs/checkpoints.md),
+freezes it, and trains a linear classifier on the global-average-pooled map
+of each stage (res2..res5, the paper's Table 12) with the MoCo protocol: SGD,
+lr 30, momentum 0.9, no weight decay, step decay; RandomResizedCrop + flip
+for training, resize + centre crop for test. All four heads train in one jitted
 step on the same frozen features. Top-1 and top-5 per stage go to
 TensorBoard, the log and `<workdir>/linear_results.json`. A workdir with a
 checkpoint resumes, data stream included; SIGTERM saves and exits.

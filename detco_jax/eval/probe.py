@@ -103,23 +103,32 @@ def train_images(config: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
 def backbone_for(config: ml_collections.ConfigDict, mesh: Mesh,
                  images: Callable[[], Iterable[np.ndarray]]
                  ) -> pretrained.Backbone:
-  """The backbone a probe config names, the floor's BN measured on data.
+  """The backbone a probe config names, BN measured on data where asked.
+
+  BN running statistics are measured for a random-init floor with
+  `random_init_bn_batches > 0`, and for a checkpoint file with
+  `pretrained_file.bn_batches > 0` (a file without them needs it).
 
   Args:
-    config: a probe config (`pretrained`, `pretrained_step`, `random_init`,
-      `random_init_bn_batches`, `seed`).
+    config: a probe config (`pretrained`, `pretrained_step`,
+      `pretrained_file`, `random_init`, `random_init_bn_batches`, `seed`).
     mesh: the device mesh.
     images: `images() -> uint8 batches` of the probe's training data, read
-      only for a random-init floor with `random_init_bn_batches > 0`. They
-      must be the same on every call (a resumed probe measures again).
+      only to measure BN statistics. They must be the same on every call (a
+      resumed probe measures again).
 
   Returns:
     The backbone.
   """
   backbone = pretrained.for_probe(config, mesh)
-  if config.random_init and config.random_init_bn_batches > 0:
-    backbone = calibrate_bn(backbone, mesh, images(),
-                            config.random_init_bn_batches)
+  if config.random_init:
+    batches = config.random_init_bn_batches
+  elif pretrained.is_file(config.pretrained):
+    batches = pretrained.file_settings(config.get("pretrained_file")).bn_batches
+  else:
+    batches = 0
+  if batches > 0:
+    backbone = calibrate_bn(backbone, mesh, images(), batches)
   return backbone
 
 

@@ -1,10 +1,17 @@
 r"""Exports a pretrained backbone for torchvision or detectron2.
 
-  python -m detco_jax.export --workdir=PRETRAIN_WORKDIR [--step=N] \
+  python -m detco_jax.export --pretrained=PRETRAIN_WORKDIR [--step=N] \
+      --format={torchvision,detectron2} --out=FILE
+  python -m detco_jax.export --pretrained=CHECKPOINT_FILE \
       --format={torchvision,detectron2} --out=FILE
 
 writes the query encoder's ResNet of a pretraining checkpoint (the latest
-complete one unless `--step` is given):
+complete one unless `--step` is given; `--workdir=` is the same as
+`--pretrained=` a workdir), or the ResNet of a checkpoint file (a
+torchvision / MoCo / DetCo `.pth`, a detectron2 `.pkl`: see
+`detco_jax.pretrained.load_file`), so that a file converts from one format
+to the other. The output is written whole or not at all (a temporary file,
+renamed), and not at all on an error.
 
 * `torchvision`: a file that `torch.load(FILE, weights_only=True)` reads as
   an `OrderedDict` of tensors named and laid out like torchvision's ResNet
@@ -28,20 +35,20 @@ complete one unless `--step` is given):
   0..255 and RGB order, `INPUT.FORMAT "RGB"`), as for MoCo's weights.
 
 The weights expect images normalised as in pretraining (`config.aug.mean`
-and `std`; ImageNet's by default). A backbone with the "cifar" stem
-(3x3/1 conv1, no max-pool) exports under the same names, but torchvision's
-and detectron2's ResNets have the ImageNet stem (7x7/2 conv1 + max-pool):
-such a file loads only into a model whose stem was changed to match, and a
-warning says so. Likewise `model.width != 64` gives shapes that no stock
+and `std`; ImageNet's by default), or, from a file, as that file's network
+expects (torchvision's convention unless it was trained otherwise). A
+backbone with the "cifar" stem (3x3/1 conv1, no max-pool) exports under the
+same names, but torchvision's and detectron2's ResNets have the ImageNet
+stem (7x7/2 conv1 + max-pool): such a file loads only into a model whose
+stem was changed to match, and a warning says so. Likewise `model.width != 64` gives shapes that no stock
 torchvision ResNet has (torchvision's "wide" ResNets widen only the inner
 bottleneck convs).
 
 The export runs in a single process; on a multi-host job run it once, on
 one host that can read the workdir.
 
-Layout: `names` (the torchvision / detectron2 names and state dicts),
-`torch_format` (torch's file format, without torch); this package holds the
-job (`export`, `run`) and its command line (`python -m detco_jax.export`).
+This package holds the job (`export`, `run`) and its command line
+(`python -m detco_jax.export`); the formats are `detco_jax.interop`'s.
 """
 
 import pickle
@@ -52,8 +59,8 @@ from absl import logging
 from etils import epath
 
 from detco_jax import pretrained
-from detco_jax.export import names
-from detco_jax.export import torch_format
+from detco_jax.interop import names
+from detco_jax.interop import torch_format
 
 FORMATS = ("torchvision", "detectron2")
 
@@ -66,7 +73,7 @@ def export(backbone: pretrained.Backbone, fmt: str, out: str) -> dict[str, Any]:
   """Writes `backbone` in `fmt` to `out`.
 
   Args:
-    backbone: e.g. from `pretrained.load`.
+    backbone: e.g. from `pretrained.load` or `pretrained.load_file`.
     fmt: "torchvision" or "detectron2".
     out: the output file (local or gs://); its folder is created.
 
@@ -96,34 +103,46 @@ def export(backbone: pretrained.Backbone, fmt: str, out: str) -> dict[str, Any]:
     data = pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL)
     tensors = len(checkpoint["model"])
   path = epath.Path(out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(data)
+  _write_atomically(path, data)
   parameters = sum(
       v.size for k, v in state_dict.items()
       if k.endswith(".weight") or k.endswith(".bias"))
   aug = backbone.config.get("aug", {})
   logging.info(
       "Wrote %s (%s, %d tensors, %d parameters) of ResNet-%d width %d "
-      "(%s, step %d). Inputs are normalised with mean %s, std %s.",
-      path, fmt, tensors, parameters, module.depth, module.width,
-      backbone.source, backbone.step, aug.get("mean"), aug.get("std"))
+      "(%s, step %d). Inputs are normalised with mean %s, std %s of "
+      "%s images in 0..%s.", path, fmt, tensors, parameters, module.depth,
+      module.width, backbone.source, backbone.step, aug.get("mean"),
+      aug.get("std"), aug.get("channels", "RGB"), aug.get("pixel_range", 1))
   return {"format": fmt, "path": str(path), "tensors": tensors,
           "parameters": int(parameters), "step": backbone.step}
 
 
-def run(workdir: str, fmt: str, out: str,
+def _write_atomically(path: epath.Path, data: bytes) -> None:
+  """Writes `data` to `path` whole or not at all (its folder is created)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_bytes(data)
+  partial.replace(path)
+
+
+def run(source: str, fmt: str, out: str,
         step: int | None = None) -> dict[str, Any]:
-  """Exports the query backbone of a pretraining checkpoint.
+  """Exports the backbone of a pretraining run or of a checkpoint file.
 
   Args:
-    workdir: the pretraining run's directory.
+    source: the pretraining run's directory, or a checkpoint file.
     fmt: "torchvision" or "detectron2".
     out: the output file.
-    step: which checkpoint; None for the latest complete one.
+    step: which checkpoint of a workdir; None for the latest complete one.
 
   Returns:
     `export`'s summary.
+
+  Raises:
+    ValueError: for an unknown format, a step for a file, or a source that
+      holds no backbone; nothing is written.
   """
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
-  return export(pretrained.load(workdir, step), fmt, out)
+  return export(pretrained.load_source(source, step), fmt, out)

@@ -18,18 +18,24 @@ __doc__ = export.__doc__  # pylint: disable=redefined-builtin
 
 def define_flags() -> None:
   """The export's flags."""
-  flags.DEFINE_string("workdir", None, "The pretraining run's --workdir.",
-                      required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
+  flags.DEFINE_string(
+      "pretrained", None, "A pretraining run's --workdir, or a checkpoint "
+      "file (torchvision / MoCo / DetCo .pth, detectron2 .pkl).")
+  flags.DEFINE_string("workdir", None, "The pretraining run's --workdir "
+                      "(the same as --pretrained=WORKDIR).")
+  flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default "
+                       "the latest.")
   flags.DEFINE_enum("format", None, list(export.FORMATS), "Output format.",
                     required=True)
   flags.DEFINE_string("out", None, "Output file.", required=True)
+  flags.mark_flags_as_mutual_exclusive(["pretrained", "workdir"],
+                                       required=True)
 
 
 def main() -> None:
   """Exports with the command-line flags."""
   f = flags.FLAGS
-  export.run(f.workdir, f.format, f.out, f.step)
+  export.run(f.pretrained or f.workdir, f.format, f.out, f.step)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""torch's file format, written and read without torch.
+"""torch's file format, written without torch (`safe_pickle` reads it).
 
 torch.save writes a zip archive `<archive>/data.pkl`, `<archive>/data/<key>`
 (each storage's raw little-endian bytes), `<archive>/version`,
@@ -11,25 +11,28 @@ cannot import (torch), and stand-in classes would have to shadow the real
 `torch` module whenever torch is imported in the same process.
 """
 
-import collections
-import io
 import pickle
 import struct
 import zipfile
 from typing import Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
-from etils import epath
 
-_STORAGES = {
-    np.dtype(np.float32): "FloatStorage",
-    np.dtype(np.float64): "DoubleStorage",
-    np.dtype(np.float16): "HalfStorage",
-    np.dtype(np.int64): "LongStorage",
-    np.dtype(np.int32): "IntStorage",
-    np.dtype(np.uint8): "ByteStorage",
-    np.dtype(np.bool_): "BoolStorage",
+# torch's storage types (the pickle's `torch.<Name>`) and their dtypes.
+STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
 }
+_STORAGES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 # torch aligns every record's data to 64 bytes (it may memory-map them).
 _ALIGNMENT = 64
 # The archive format version that torch.save (2.x) writes.
@@ -165,7 +168,7 @@ def torch_bytes(state_dict: Mapping[str, np.ndarray],
   """A state dict serialised as `torch.save` would, without torch.
 
   Args:
-    state_dict: name -> numpy array (float16/32/64, int32/64, uint8, bool).
+    state_dict: name -> numpy array (a dtype of `STORAGE_DTYPES`).
     archive: the archive's top-level folder (torch uses the file's stem; any
       name loads).
 
@@ -184,54 +187,3 @@ def torch_bytes(state_dict: Mapping[str, np.ndarray],
     for name, data in records:
       _write_aligned(zf, sink, f"{archive}/{name}", data)
   return sink.getvalue()
-
-
-def read_torch_file(path: str) -> "collections.OrderedDict[str, np.ndarray]":
-  """Reads a tensor state dict saved by torch (or `torch_bytes`) into numpy.
-
-  For checking files where torch is not installed. Only plain CPU tensors
-  in an OrderedDict or dict are understood; no other global is resolved, so
-  reading an untrusted file runs no code.
-
-  Args:
-    path: the file.
-
-  Returns:
-    Tensor name -> numpy array.
-
-  Raises:
-    pickle.UnpicklingError: for anything but such a state dict.
-  """
-  with zipfile.ZipFile(io.BytesIO(epath.Path(path).read_bytes())) as zf:
-    pkl_name = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-    archive = pkl_name[:-len("/data.pkl")]
-    dtypes = {f"torch.{v}": k for k, v in _STORAGES.items()}
-
-    def rebuild(storage, offset, size, stride, requires_grad=False,
-                backward_hooks=None):
-      del requires_grad, backward_hooks
-      item = storage.itemsize
-      return np.lib.stride_tricks.as_strided(
-          storage[offset:], tuple(size), tuple(s * item for s in stride)).copy()
-
-    class Unpickler(pickle.Unpickler):
-
-      def find_class(self, module, name):
-        full = f"{module}.{name}"
-        if full == "collections.OrderedDict":
-          return collections.OrderedDict
-        if full == "torch._utils._rebuild_tensor_v2":
-          return rebuild
-        if full in dtypes:
-          return dtypes[full]
-        raise pickle.UnpicklingError(f"Unsupported global {full}.")
-
-      def persistent_load(self, pid):
-        typename, dtype, key, _, numel = pid
-        if typename != "storage" or not isinstance(dtype, np.dtype):
-          raise pickle.UnpicklingError(f"Unsupported persistent id {pid!r}.")
-        data = zf.read(f"{archive}/data/{key}")
-        return np.frombuffer(data, dtype.newbyteorder("<"), count=numel)
-
-    return collections.OrderedDict(
-        Unpickler(io.BytesIO(zf.read(pkl_name))).load())
