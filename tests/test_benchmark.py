@@ -164,6 +164,24 @@ def test_compare_times_two_configs_side_by_side():
   assert len(rows) == 2, out
 
 
+
+def test_side_by_side_lists_each_config_then_the_ratios():
+  base = {"flops_per_step": 4e9, "step_s": 1.0,
+          "images_per_s_per_device": 64.0, "mfu": 0.3}
+  other = dict(base, flops_per_step=2e9, step_s=0.5,
+               images_per_s_per_device=128.0, time_per_image_ratio=2.0,
+               time_per_image_ratio_paired=1.9, flops_per_image_ratio=2.0)
+  lines = benchmark.side_by_side({"a.py:x": base, "a.py:y": other}, 10)
+  assert lines[0] == "== a.py:x" and "step_s: 1" in lines
+  assert lines.index("== a.py:y") > lines.index("step_s: 1")
+  table = lines.index("side by side, medians of 10 rounds in turn:")
+  assert lines[table + 2].split() == ["4.00", "1.000", "64.0", "0.300",
+                                      "a.py:x"]
+  assert lines[table + 3].split()[-1] == "a.py:y"
+  assert lines[-1] == ("a.py:x takes 2.00x the time per image of a.py:y "
+                       "(paired: 1.90x), for 2.00x its FLOPs per image.")
+
+@pytest.mark.long
 def test_compare_refuses_bad_flags_in_one_line():
   result = run_benchmark("--config=configs/detco.py:tiny",
                          "--compare=configs/nothere.py:tiny")
