@@ -46,6 +46,9 @@ Arguments, typed `name=value` items in the same list (configs/common.py):
                 `--config=configs/detco.py:demo,epochs=3` is the demo for
                 3 epochs.
   seed=N        the run's seed (`seed`), e.g. `ablation,mocov2,seed=1`.
+  knn_epochs=N  run the kNN monitor every N epochs (`knn.every_steps`; 0:
+                off), e.g. `demo,epochs=24,knn_epochs=1` logs `knn/top1`
+                after every epoch (experiments/learning_curve.py draws it).
 
 The order of the items does not matter (configs/common.py): variants apply
 in the order listed above, arguments after them.
@@ -200,7 +203,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.num_epochs = 8
   c.log_every = 20
   c.checkpoint_every = 200
-  # `--config.knn.every_steps=156` adds the kNN monitor once per epoch.
+  # `knn_epochs=1` in the config string adds the kNN monitor once per epoch.
   c.knn.train_examples = 5_000
 
 
@@ -319,6 +322,13 @@ VARIANTS = {
 }
 
 
-ARGUMENTS = common.run_arguments()
+def _knn_epochs(c: ml_collections.ConfigDict, epochs: int) -> None:
+  """`knn_epochs=N`: the kNN monitor after every N epochs (0: off)."""
+  # An epoch in steps, as detco_jax.config_lib.steps_per_epoch counts it.
+  c.knn.every_steps = epochs * max(c.num_train_examples // c.batch_size, 1)
+
+
+ARGUMENTS = common.run_arguments(
+    knn_epochs=common.Argument(_knn_epochs, 0))
 
 get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

@@ -5,10 +5,11 @@
   * `grid`: attention maps of several backbones over the same images
     (`eval.attention`), with a header row naming the columns;
   * `detections_grid`: a detector's boxes beside the ground truth
-    (`eval.detection`).
+    (`eval.detection`);
+  * `line_chart`: curves on labelled axes (experiments/learning_curve.py).
 """
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -248,3 +249,127 @@ def detections_grid(images: np.ndarray, class_names: Sequence[str], *,
   return np.concatenate(
       [np.asarray(header), np.full((GAP_PX, body.shape[1], 3), 255, np.uint8),
        body], axis=0)
+
+
+# ----------------------------------------------------------------------------
+# Line charts.
+
+# Okabe and Ito's palette: told apart with any colour vision.
+_LINE_COLOURS = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167),
+                 (86, 180, 233), (230, 159, 0), (0, 0, 0))
+# Margins around the plot area: the title and legend rows above it, the tick
+# labels and axis name below and left of it.
+_CHART_MARGINS = {"left": 52, "right": 16, "top": 54, "bottom": 40}
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> np.ndarray:
+  """Round tick values from at most `low` to at least `high`.
+
+  Args:
+    low: the smallest value to cover.
+    high: the largest (equal to `low`: a unit range around it).
+    count: about how many intervals.
+
+  Returns:
+    Evenly spaced ticks whose step is 1, 2 or 5 times a power of ten.
+  """
+  if high <= low:
+    low, high = low - 0.5, high + 0.5
+  raw = (high - low) / count
+  power = 10.0 ** np.floor(np.log10(raw))
+  step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+  first = np.floor(low / step + 1e-9) * step
+  last = np.ceil(high / step - 1e-9) * step
+  return first + step * np.arange(int(round((last - first) / step)) + 1)
+
+
+def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+               *, title: str, x_label: str, y_label: str,
+               reference: tuple[str, float] | None = None,
+               size: tuple[int, int] = (640, 400)) -> np.ndarray:
+  """Curves with dot markers on labelled axes, with a legend row.
+
+  Args:
+    series: label -> (x values, y values), drawn in order, colours in
+      `_LINE_COLOURS` order.
+    title: the top line.
+    x_label: the x axis' name, under it.
+    y_label: the y axis' name, over it.
+    reference: (label, y) of a dashed grey horizontal line (a floor or a
+      baseline), or None.
+    size: (width, height) in px.
+
+  Returns:
+    uint8 [height, width, 3].
+
+  Raises:
+    ValueError: no series, or one whose x and y differ in length.
+  """
+  if not series:
+    raise ValueError("A line chart needs at least one series.")
+  for label, (xs, ys) in series.items():
+    if len(xs) != len(ys) or not len(xs):
+      raise ValueError(f"Series {label!r} has {len(xs)} x and {len(ys)} y "
+                       "values; give one y per x, at least one.")
+  all_x = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
+  all_y = np.concatenate([np.asarray(y, float) for _, y in series.values()]
+                         + [np.asarray([reference[1]] if reference else [],
+                                       float)])
+  x_ticks = nice_ticks(min(0.0, all_x.min()), all_x.max())
+  y_ticks = nice_ticks(all_y.min(), all_y.max())
+  width, height = size
+  m = _CHART_MARGINS
+  x0, x1, y0, y1 = m["left"], width - m["right"], height - m["bottom"], m["top"]
+
+  def to_px(x, y):
+    fx = (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0])
+    fy = (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0])
+    return x0 + fx * (x1 - x0), y0 + fy * (y1 - y0)
+
+  image = Image.new("RGB", size, "white")
+  draw = ImageDraw.Draw(image)
+  font = ImageFont.load_default()
+  grey, light = (120, 120, 120), (225, 225, 225)
+  for t in x_ticks:
+    px = to_px(t, y_ticks[0])[0]
+    draw.line((px, y0, px, y1), fill=light)
+    text = f"{t:g}"
+    draw.text((px - draw.textlength(text, font=font) / 2, y0 + 4), text,
+              fill="black", font=font)
+  for t in y_ticks:
+    py = to_px(x_ticks[0], t)[1]
+    draw.line((x0, py, x1, py), fill=light)
+    text = f"{t:g}"
+    draw.text((x0 - 4 - draw.textlength(text, font=font), py - 5), text,
+              fill="black", font=font)
+  draw.rectangle((x0, y1, x1, y0), outline="black")
+  draw.text(((x0 + x1) / 2 - draw.textlength(x_label, font=font) / 2,
+             y0 + 20), x_label, fill="black", font=font)
+  draw.text((4, y1 - 14), y_label, fill="black", font=font)
+  draw.text((4, 4), title, fill="black", font=font)
+
+  legend = []
+  if reference is not None:
+    label, value = reference
+    py = to_px(x_ticks[0], value)[1]
+    for start in np.arange(x0, x1, 8.0):
+      draw.line((start, py, min(start + 4, x1), py), fill=grey, width=2)
+    legend.append((label, grey, True))
+  for i, (label, (xs, ys)) in enumerate(series.items()):
+    colour = _LINE_COLOURS[i % len(_LINE_COLOURS)]
+    points = [to_px(x, y) for x, y in zip(xs, ys)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    for px, py in points:
+      draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+    legend.append((label, colour, False))
+  x = 4.0
+  for label, colour, dashed in legend:  # One row under the title.
+    if dashed:
+      draw.line((x, 26, x + 4, 26), fill=colour, width=2)
+      draw.line((x + 8, 26, x + 12, 26), fill=colour, width=2)
+    else:
+      draw.line((x, 26, x + 12, 26), fill=colour, width=2)
+    draw.text((x + 16, 20), label, fill="black", font=font)
+    x += 16 + draw.textlength(label, font=font) + 16
+  return np.asarray(image)

@@ -118,6 +118,83 @@ def test_step_work_is_split_over_devices():
   assert ratio < 1.3, ratio
 
 
+
+def run_benchmark(*flags_):
+  """`python -m detco_jax.benchmark FLAGS` from the repository root."""
+  return subprocess.run([sys.executable, "-m", "detco_jax.benchmark",
+                         *flags_], cwd=REPO, env=dict(os.environ),
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+@pytest.mark.long
+def test_compare_times_two_configs_side_by_side():
+  result = run_benchmark("--config=configs/detco.py:tiny",
+                         "--compare=configs/detco.py:tiny,mocov2",
+                         "--steps=3", "--warmup=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  # Each config's figures under its label, then the table and the ratio.
+  blocks = dict(re.findall(r"^== (\S+)\n((?:\w+: \S+\n)+)", out,
+                           re.MULTILINE))
+  assert set(blocks) == {"configs/detco.py:tiny",
+                         "configs/detco.py:tiny,mocov2"}, out
+  figures = {label: {k: float(v) for k, v in re.findall(
+      r"^(\w+): (\S+)$", text, re.MULTILINE)}
+             for label, text in blocks.items()}
+  detco, mocov2 = (figures[k] for k in blocks)
+  for figs in (detco, mocov2):
+    assert figs["step_s"] > 0 and 0 < figs["mfu"] < 1.5, figs
+  # DetCo's step does more work than MoCo v2's on the same batch.
+  assert detco["flops_per_step"] > mocov2["flops_per_step"]
+  ratio = mocov2["time_per_image_ratio"]
+  # Same batch: ratios of the step's figures (printed to 4 digits).
+  np.testing.assert_allclose(ratio, detco["step_s"] / mocov2["step_s"],
+                             rtol=2e-3)
+  np.testing.assert_allclose(
+      mocov2["flops_per_image_ratio"],
+      detco["flops_per_step"] / mocov2["flops_per_step"], rtol=2e-3)
+  assert re.search(
+      r"^configs/detco.py:tiny takes [\d.]+x the time per image of "
+      r"configs/detco.py:tiny,mocov2 \(paired: [\d.]+x\), for [\d.]+x its "
+      r"FLOPs per image\.$", out, re.MULTILINE), out
+  rows = [line for line in out.splitlines()
+          if line.endswith(("  configs/detco.py:tiny",
+                            "  configs/detco.py:tiny,mocov2"))]
+  assert len(rows) == 2, out
+
+
+
+def test_side_by_side_lists_each_config_then_the_ratios():
+  base = {"flops_per_step": 4e9, "step_s": 1.0,
+          "images_per_s_per_device": 64.0, "mfu": 0.3}
+  other = dict(base, flops_per_step=2e9, step_s=0.5,
+               images_per_s_per_device=128.0, time_per_image_ratio=2.0,
+               time_per_image_ratio_paired=1.9, flops_per_image_ratio=2.0)
+  lines = benchmark.side_by_side({"a.py:x": base, "a.py:y": other}, 10)
+  assert lines[0] == "== a.py:x" and "step_s: 1" in lines
+  assert lines.index("== a.py:y") > lines.index("step_s: 1")
+  table = lines.index("side by side, medians of 10 rounds in turn:")
+  assert lines[table + 2].split() == ["4.00", "1.000", "64.0", "0.300",
+                                      "a.py:x"]
+  assert lines[table + 3].split()[-1] == "a.py:y"
+  assert lines[-1] == ("a.py:x takes 2.00x the time per image of a.py:y "
+                       "(paired: 1.90x), for 2.00x its FLOPs per image.")
+
+@pytest.mark.long
+def test_compare_refuses_bad_flags_in_one_line():
+  result = run_benchmark("--config=configs/detco.py:tiny",
+                         "--compare=configs/nothere.py:tiny")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "Error: "), result.stderr[-2000:]
+  assert "nothere.py" in result.stderr
+  result = run_benchmark("--config=configs/detco.py:tiny", "--breakdown",
+                         "--compare=configs/detco.py:tiny,mocov2")
+  assert result.returncode == 1
+  assert "drop --compile_only, --breakdown" in result.stderr
+
+
 def test_fit_config_sets_batch_queue_and_bn_groups():
   config = tiny_config()
   config.queue_size, config.bn_groups = 100, 4

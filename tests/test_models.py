@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -225,3 +226,67 @@ def test_running_stats_accumulate_the_views_alone_by_default():
   # Either way the patches are normalised with their own batch statistics:
   # the embeddings do not depend on the setting.
   jax.tree.map(np.testing.assert_array_equal, out, blended_out)
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [
+    ((3, 2, 2, 5), 3, 1),   # DetCo's res5 patch maps: the dense layer.
+    ((3, 3, 3, 5), 3, 1),   # Its res4 patch maps: the dense layer.
+    ((3, 3, 3, 5), 3, 2),   # res5's first conv, 3x3 -> 2x2: dense.
+    ((3, 1, 1, 5), 3, 1),
+    ((3, 2, 3, 5), 3, 2),
+    ((3, 4, 4, 5), 3, 1),   # More pixels than taps: XLA's convolution.
+    ((3, 5, 5, 5), 3, 2),
+    ((3, 2, 2, 5), 1, 2),   # A 1x1 shortcut: XLA's convolution.
+])
+def test_small_map_convolution_equals_xla_convolution(shape, kernel, stride):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 4)),
+                  jnp.float32)
+  pad = ((kernel // 2, kernel // 2),) * 2
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape,
+                                           ("NHWC", "HWIO", "NHWC"))
+
+  def ours(x, w):
+    return resnet.conv_general_dilated(x, w, (stride, stride), pad,
+                                       dimension_numbers=numbers)
+
+  def xla(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), pad,
+                                        dimension_numbers=numbers)
+
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  # Gradients of a non-linear function of the output, both operands.
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w),
+                  jax.grad(loss(xla), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Maps of no more pixels than the kernel has taps skip XLA's convolution.
+  convs = [e for e in jax.make_jaxpr(ours)(x, w).eqns
+           if e.primitive.name == "conv_general_dilated"]
+  assert bool(convs) == (shape[1] * shape[2] > kernel * kernel)
+
+
+def test_patch_backbone_runs_no_convolution_on_maps_within_its_kernel():
+  """DetCo's 10 px patches: the 3x3 res4 and 2x2 res5 maps take the dense
+  layer, which XLA:CPU runs several times faster than its convolution."""
+  model = resnet.ResNet(depth=18, width=4, stem="cifar", bn_groups=2)
+  x = jnp.zeros((4, 10, 10, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x,
+                                                train=False))
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(
+      v, x, train=True, mutable=["batch_stats"]))(variables)
+
+  def convs(eqns):
+    for e in eqns:
+      if e.primitive.name == "conv_general_dilated":
+        yield e
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        yield from convs(sub.eqns)
+
+  inputs = [e.invars[0].aval.shape for e in convs(jaxpr.eqns)]
+  kernels = [e.invars[1].aval.shape for e in convs(jaxpr.eqns)]
+  assert inputs and all(s[1] * s[2] > k[0] * k[1]
+                        for s, k in zip(inputs, kernels))
+  # On the 3x3 res4 map only res5's 1x1 shortcut is left; no 2x2 maps.
+  assert [k[:2] for s, k in zip(inputs, kernels) if s[1] <= 3] == [(1, 1)]

@@ -1,5 +1,7 @@
 """The sharded train state and the jitted DetCo step on 8 fake devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from configs import detco as detco_config
 from detco_jax import config_lib
 from detco_jax import sharding
 from detco_jax import step as step_lib
+from detco_jax.models import resnet
 
 
 def tiny_config(**overrides):
@@ -315,3 +318,53 @@ def test_bfloat16_with_remat_tracks_float32_and_keeps_float32_state():
     for leaf in jax.tree.leaves(tree):
       assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.01)
+
+
+@pytest.mark.long
+def test_small_map_convolutions_keep_keys_loss_and_gradients(monkeypatch):
+  """The dense layer that replaces convolutions on small maps
+  (`resnet.conv_general_dilated`) changes only the order of the sums.
+
+  The step's keys, loss, gradients and BN statistics equal those of XLA's
+  convolution everywhere (the computation before it), within float32
+  rounding, on patch maps of 10, 5, 3 and 2 px as in the demo.
+  """
+  config = tiny_config(**{"views.local_size": 36, "views.patch_size": 10})
+  _, model, state, _ = setup(config, jax.devices()[:1])
+  batch = random_batch(config)
+  rng = jax.random.key(1)
+
+  def phases(state, batch, rng):
+    aug_rng, shuffle_rng = step_lib.step_rngs(rng, state.step)
+    views = step_lib.augment(batch, aug_rng, config)
+    keys = step_lib.encode_keys(state, views, shuffle_rng, config=config,
+                                model=model)
+    return keys, step_lib.loss_and_grads(state, views, keys, config=config,
+                                         model=model)
+
+  def count_convs():
+    # A new function each time: traced afresh, not served from a cache.
+    text = str(jax.make_jaxpr(lambda *a: phases(*a))(state, batch, rng))
+    return text.count("conv_general_dilated[")
+
+  ours = jax.device_get(jax.jit(phases)(state, batch, rng))
+  ours_convs = count_convs()
+  # The reference: every convolution XLA's own, as the model had them.
+  monkeypatch.setattr(resnet, "conv_general_dilated",
+                      jax.lax.conv_general_dilated)
+  reference = jax.device_get(jax.jit(lambda *a: phases(*a))(state, batch,
+                                                            rng))
+  assert count_convs() > ours_convs  # The two paths differ.
+
+  (keys, (loss, metrics, stats, grads)) = ours
+  (ref_keys, (ref_loss, ref_metrics, ref_stats, ref_grads)) = reference
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, keys, ref_keys)
+  close(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(close, metrics, ref_metrics)
+  jax.tree.map(close, stats, ref_stats)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    ref = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))

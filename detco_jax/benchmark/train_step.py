@@ -84,7 +84,7 @@ an idle machine, the FLOPs exact, the ratios measured side by side):
 
 import functools
 import statistics
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -440,6 +440,45 @@ def compile_step(config: ml_collections.ConfigDict,
   return compiled, shardings, figures
 
 
+class _Compiled(NamedTuple):
+  """A config fitted to the devices, its model and its compiled step."""
+  config: ml_collections.ConfigDict
+  per_device_batch: int
+  mesh: Mesh
+  model: detco_lib.DetCoEncoder
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  step: Any
+  shardings: Any
+  figures: Figures
+
+
+def _compile(config: ml_collections.ConfigDict, per_device_batch: int | None,
+             devices: list[jax.Device],
+             log: Callable[[str], None]) -> _Compiled:
+  """Fits a copy of `config` to `devices`, builds and compiles its step."""
+  config = config.copy_and_resolve_references()
+  per_device_batch = _fit_and_describe(config, per_device_batch, devices,
+                                       log)
+  mesh = sharding.make_mesh(devices)
+  model = config_lib.build_model(config)
+  tx, schedule = config_lib.build_optimizer(config)
+  step, shardings, figures = compile_step(config, model, tx, schedule, mesh,
+                                          log)
+  return _Compiled(config, per_device_batch, mesh, model, tx, schedule, step,
+                   shardings, figures)
+
+
+def _start(c: _Compiled) -> tuple[dict[str, Any], Batch, jax.Array]:
+  """A fresh state (in a box, see `common.threaded_call`), batch and key."""
+  state = step_lib.create_train_state(c.config, c.model, c.tx, c.mesh,
+                                      jax.random.key(c.config.seed))[0]
+  batch = synthetic_batch(c.config, c.mesh)
+  rng = jax.device_put(jax.random.key(c.config.seed),
+                       sharding.replicated(c.mesh))
+  return {"state": state}, batch, rng
+
+
 def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
         steps: int, warmup: int, compile_only: bool = False,
         backbone: bool = True, breakdown: bool = False,
@@ -466,34 +505,23 @@ def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
     name -> value of every figure printed as `name: value`.
   """
   devices = common.step_devices(topology, chip_config, compile_only)
-  config = config.copy_and_resolve_references()
   backbone = backbone or breakdown
-  per_device_batch = _fit_and_describe(config, per_device_batch, devices,
-                                       log)
-  mesh = sharding.make_mesh(devices)
-  model = config_lib.build_model(config)
-  tx, schedule = config_lib.build_optimizer(config)
-  compiled, shardings, figures = compile_step(config, model, tx, schedule,
-                                              mesh, log)
+  c = _compile(config, per_device_batch, devices, log)
+  config, figures = c.config, c.figures
   if compile_only:
     common.log_figures(figures, log)
     return figures
 
-  state = step_lib.create_train_state(config, model, tx, mesh,
-                                      jax.random.key(config.seed))[0]
-  batch = synthetic_batch(config, mesh)
-  rng = jax.device_put(jax.random.key(config.seed),
-                       sharding.replicated(mesh))
-  box = {"state": state}  # The donated state, threaded through the calls.
-  full_step = common.threaded_call(compiled, box, batch, rng)
+  box, batch, rng = _start(c)
+  full_step = common.threaded_call(c.step, box, batch, rng)
   others = {}  # Timed in the same rounds as the step.
   if backbone:
     # Float views, made once: the reference programs skip augmentation.
     views = jax.jit(lambda b: augment.augment_views(
         b, jax.random.key(1), config.aug, config.views))(batch)
     bb_compiled, bb_seconds, _ = common.compile_with_warnings(
-        make_backbone_step(model, mesh),
-        *common.abstract(backbone_args(state, views)))
+        make_backbone_step(c.model, c.mesh),
+        *common.abstract(backbone_args(box["state"], views)))
     figures["backbone_compile_s"] = bb_seconds
     bb_flops = common.compiled_flops(bb_compiled)
     if bb_flops is not None:
@@ -501,12 +529,13 @@ def run(config: ml_collections.ConfigDict, *, per_device_batch: int | None,
     others["backbone"] = lambda: bb_compiled(
         *backbone_args(box["state"], views))
     if breakdown:
-      others.update(breakdown_calls(config, model, tx, schedule, mesh,
-                                   shardings, box, batch, rng, views))
+      others.update(breakdown_calls(config, c.model, c.tx, c.schedule,
+                                    c.mesh, c.shardings, box, batch, rng,
+                                    views))
 
   times, peak_n = common.time_step(
       full_step, config_lib.DTYPES[config.model.dtype], steps, warmup, others)
-  figures.update(summarise(times, figures, per_device_batch, peak_n))
+  figures.update(summarise(times, figures, c.per_device_batch, peak_n))
   common.log_figures(figures, log)
   if figures.get("flops_ratio", 1.0) > _MAX_FLOPS_RATIO:
     log(f"warning: the step does {figures['flops_ratio']:.2f}x the "
@@ -549,3 +578,104 @@ def summarise(times: Mapping[str, list[float]], figures: Figures,
     out["pieces_sum_s"] = med["backbone"] + sum(med[n] for n in PIECES)
     out["unaccounted_s"] = step_s - out["pieces_sum_s"]
   return out
+
+
+# ----------------------------------------------------------------------------
+# Several configs side by side (--compare).
+
+
+def compare(configs: Mapping[str, ml_collections.ConfigDict], *,
+            per_device_batch: int | None, steps: int, warmup: int,
+            log: Callable[[str], None] = print) -> dict[str, Figures]:
+  """Times several configs' steps side by side, in turn, round after round.
+
+  Each config's real step is compiled and run on its own state and
+  synthetic batch, as `run` does; then the steps and the peak matrix
+  product are called in turn, `warmup` untimed and `steps` timed rounds,
+  so that a load that changes during the run (a shared machine) slows them
+  alike. The first config is compared with each other one: the ratio of
+  their times per image (medians, and the median of the per-round ratios)
+  and of their FLOPs per image.
+
+  Args:
+    configs: label -> experiment config (not changed; copies are fitted),
+      the config the others are compared with first.
+    per_device_batch: images per device for every config; None: each
+      config's batch_size // devices.
+    steps: timed rounds.
+    warmup: untimed rounds.
+    log: where the report lines go.
+
+  Returns:
+    label -> figures: the compile figures and `common.speed_figures` of
+    each config; every config after the first also has the first's
+    `time_per_image_ratio`, `time_per_image_ratio_paired` and
+    `flops_per_image_ratio` over its own.
+  """
+  devices = jax.devices()
+  compiled, calls = {}, {}
+  for label, config in configs.items():
+    log(f"== {label}")
+    c = compiled[label] = _compile(config, per_device_batch, devices, log)
+    calls[label] = common.threaded_call(c.step, *_start(c))
+  first = next(iter(compiled.values())).config.model.dtype
+  peak_call, peak_n = common.matmul_call(config_lib.DTYPES[first])
+  peak = "<peak matmul>"  # Not a config's label: those name a file.
+  times = common.time_in_turn({**calls, peak: peak_call}, steps, warmup)
+
+  out = {}
+  for label, c in compiled.items():
+    out[label] = dict(c.figures)
+    out[label].update(common.speed_figures(
+        {"step": times[label], "peak": times[peak]}, c.figures,
+        c.per_device_batch, peak_n))
+  base, base_c = next(iter(compiled.items()))
+  per_image = lambda label, t: t / compiled[label].per_device_batch
+  for label, c in list(compiled.items())[1:]:
+    out[label]["time_per_image_ratio"] = (
+        per_image(base, statistics.median(times[base]))
+        / per_image(label, statistics.median(times[label])))
+    out[label]["time_per_image_ratio_paired"] = statistics.median(
+        per_image(base, a) / per_image(label, b)
+        for a, b in zip(times[base], times[label]))
+    if "flops_per_step" in base_c.figures and "flops_per_step" in c.figures:
+      out[label]["flops_per_image_ratio"] = (
+          per_image(base, base_c.figures["flops_per_step"])
+          / per_image(label, c.figures["flops_per_step"]))
+  for line in side_by_side(out, steps):
+    log(line)
+  return out
+
+
+def side_by_side(figures: Mapping[str, Figures], rounds: int) -> list[str]:
+  """`compare`'s report: each config's figures, a table, the ratios.
+
+  Args:
+    figures: `compare`'s result.
+    rounds: the timed rounds.
+
+  Returns:
+    The lines: per config a "== label" line and its `name: value` lines,
+    then one table row per config and one ratio line per config after the
+    first.
+  """
+  lines = []
+  for label, figs in figures.items():
+    lines.append(f"== {label}")
+    common.log_figures(figs, lines.append)
+  lines.append(f"side by side, medians of {rounds} rounds in turn:")
+  lines.append(f"{'GFLOP/step':>11} {'step_s':>8} {'img/s/dev':>10} "
+               f"{'mfu':>6}  config")
+  for label, figs in figures.items():
+    gflop = figs.get("flops_per_step", float("nan")) / 1e9
+    lines.append(f"{gflop:11.2f} {figs['step_s']:8.3f} "
+                 f"{figs['images_per_s_per_device']:10.1f} "
+                 f"{figs.get('mfu', float('nan')):6.3f}  {label}")
+  base = next(iter(figures))
+  for label, figs in list(figures.items())[1:]:
+    flops = figs.get("flops_per_image_ratio")
+    lines.append(
+        f"{base} takes {figs['time_per_image_ratio']:.2f}x the time per "
+        f"image of {label} (paired: {figs['time_per_image_ratio_paired']:.2f}"
+        "x)" + (f", for {flops:.2f}x its FLOPs per image." if flops else "."))
+  return lines

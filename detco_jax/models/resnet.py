@@ -10,6 +10,10 @@ Batch norm is `GroupBatchNorm`: in training its statistics come from
 `groups` equal sub-batches of the batch axis. With `groups > 1` this is
 MoCo's per-GPU ("shuffle") BN, expressed as a property of the model rather
 than of the device count; with `groups = 1` it is global-batch (sync) BN.
+
+A convolution on a map of no more pixels than its kernel has taps (DetCo's
+3x3 and 2x2 patch maps at res4 and res5) runs as a dense layer over the
+whole map (`conv_general_dilated`), which XLA:CPU runs up to 15x faster.
 """
 
 import functools
@@ -18,6 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 STAGES = ("res2", "res3", "res4", "res5")
 
@@ -97,11 +103,91 @@ class GroupBatchNorm(nn.Module):
     return ((x - mean) * inv + bias).astype(self.dtype)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _tap_index(h: int, w: int, kh: int, kw: int, strides: Sequence[int],
+               padding: Sequence[tuple[int, int]]
+               ) -> tuple[np.ndarray, np.ndarray, int, int]:
+  """Which kernel tap joins each input pixel to each output pixel.
+
+  Returns:
+    (tap [h * w, ho * wo] int, valid [h * w, ho * wo] bool, ho, wo): the
+    flat tap index `i * kw + j` of the kernel row and column that reads
+    input pixel p for output pixel q, and whether one does.
+  """
+  (top, bottom), (left, right) = padding
+  ho = (h + top + bottom - kh) // strides[0] + 1
+  wo = (w + left + right - kw) // strides[1] + 1
+  iy, ix = np.divmod(np.arange(h * w), w)
+  oy, ox = np.divmod(np.arange(ho * wo), wo)
+  i = iy[:, None] - oy[None, :] * strides[0] + top
+  j = ix[:, None] - ox[None, :] * strides[1] + left
+  valid = (i >= 0) & (i < kh) & (j >= 0) & (j < kw)
+  return np.where(valid, i * kw + j, 0), valid, ho, wo
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
+                         window_strides: Sequence[int],
+                         padding: Sequence[tuple[int, int]], *,
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None,
+                         feature_group_count: int = 1,
+                         precision: Any = None) -> jax.Array:
+  """`lax.conv_general_dilated`, as a dense layer on maps within the kernel.
+
+  On a map of at most as many pixels as the kernel has taps (3x3 or 2x2
+  under a 3x3 kernel: DetCo's res4 and res5 patch maps) a convolution is a
+  dense layer from the whole map to the whole output map, whose
+  [h * w * C, ho * wo * O] matrix holds the kernel tap that joins each
+  pair of pixels (zero where none does): one matrix product, with no more
+  multiplications than the convolution's taps, and a backward of matrix
+  products. XLA:CPU runs such convolutions far below their FLOPs: it swaps
+  the operands of a convolution whose kernel outnumbers its input's pixels
+  and runs the swapped form in a plain loop (a 3x3 conv on 2x2 maps, 15x
+  slower than its FLOPs say), and its backward on 3x3 maps runs at a third
+  of the speed of the dense form. Every other convolution goes to
+  `lax.conv_general_dilated` unchanged.
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+    dimension_numbers, feature_group_count, precision: as for
+      `lax.conv_general_dilated` (the keywords `flax.linen.Conv` passes).
+
+  Returns:
+    The convolution, as `lax.conv_general_dilated` returns it; the same sum
+    in another order on small maps.
+  """
+  n, h, w, c = lhs.shape if lhs.ndim == 4 else (0, 0, 0, 0)
+  kh, kw, _, out = rhs.shape if rhs.ndim == 4 else (0, 0, 0, 0)
+  dense = (lhs.ndim == 4 and 0 < h * w <= kh * kw
+           and not isinstance(padding, str)
+           and all(d == 1 for d in (lhs_dilation or ()))
+           and all(d == 1 for d in (rhs_dilation or ()))
+           and feature_group_count == 1
+           and dimension_numbers == lax.conv_dimension_numbers(
+               lhs.shape, rhs.shape, _NHWC))
+  if not dense:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision)
+  tap, valid, ho, wo = _tap_index(h, w, kh, kw, window_strides, padding)
+  # A gather, not a product with a 0/1 tensor: exact at any precision.
+  taps = rhs.reshape(kh * kw, c, out)[tap]              # [hw, howo, C, O]
+  matrix = jnp.where(valid[:, :, None, None], taps, 0)
+  matrix = matrix.transpose(0, 2, 1, 3).reshape(h * w * c, ho * wo * out)
+  y = jnp.dot(lhs.reshape(n, h * w * c), matrix, precision=precision)
+  return y.reshape(n, ho, wo, out)
+
+
 def _conv(features: int, kernel: int, strides: int, name: str, dtype: Any):
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), (strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, name=name)
+                 kernel_init=conv_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 class BasicBlock(nn.Module):
