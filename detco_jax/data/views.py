@@ -29,7 +29,8 @@ first and last pixel onto the first and last output pixel ("align corners"),
 which keeps every sample inside the image. Either way a crop resized to its
 own size is an exact pixel copy. Resampling is bilinear without antialiasing,
 as in big_vision and most TF pipelines (torchvision's PIL resize
-antialiases); the probe's test view antialiases, as torchvision's does.
+antialiases; `views.antialias` turns it on for the global views); the
+probe's test view antialiases, as torchvision's does.
 
 Randomness is stateless: every draw is a `tf.random.stateless_*` op of a
 per-example seed (a [2] int64 tensor), so a view depends only on the image and
@@ -73,6 +74,9 @@ class ViewSpec:
     patch_size: side of the patch cropped inside each cell.
     flip_prob: probability of a horizontal flip (per global view and per
       jigsaw set).
+    antialias: resize the global views with an antialiasing filter (PIL's
+      and torchvision's way) instead of plain bilinear sampling, which
+      aliases when a crop shrinks by more than 2x.
   """
   global_size: int = 224
   global_area: Tuple[float, float] = (0.2, 1.0)
@@ -83,6 +87,7 @@ class ViewSpec:
   grid: int = 3
   patch_size: int = 64
   flip_prob: float = 0.5
+  antialias: bool = False
 
   def __post_init__(self):
     _check_range("views.global_area", self.global_area, upper=1.0)
@@ -134,6 +139,7 @@ class ViewSpec:
         grid=int(get("grid")),
         patch_size=int(get("patch_size")),
         flip_prob=float(get("flip_prob")),
+        antialias=bool(get("antialias", False)),
     )
 
   @property
@@ -256,7 +262,7 @@ def _resample(image: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def crop_resize_flip(image: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor,
-                     size: int) -> tf.Tensor:
+                     size: int, antialias: bool = False) -> tf.Tensor:
   """One RandomResizedCrop view: slice, bilinear resize, optional flip.
 
   Args:
@@ -264,12 +270,14 @@ def crop_resize_flip(image: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor,
     crop: int32 [4] (top, left, height, width).
     flip: bool scalar, mirror horizontally.
     size: output side.
+    antialias: filter before downsampling (`tf.image.resize`'s antialias).
 
   Returns:
     uint8 [size, size, 3].
   """
   window = image[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]]
-  view = _to_uint8(tf.image.resize(window, [size, size], method="bilinear"))
+  view = _to_uint8(tf.image.resize(window, [size, size], method="bilinear",
+                                   antialias=antialias))
   return tf.cond(flip, lambda: tf.reverse(view, axis=[1]), lambda: view)
 
 
@@ -295,7 +303,8 @@ def global_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
                        spec.global_area, spec.global_ratio)
   flips = _flips(_sub_seed(seed, _FLIP_SEED), num, spec.flip_prob)
   return tf.stack([
-      crop_resize_flip(image, crops[i], flips[i], spec.global_size)
+      crop_resize_flip(image, crops[i], flips[i], spec.global_size,
+                       spec.antialias)
       for i in range(num)
   ])
 
