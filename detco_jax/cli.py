@@ -247,7 +247,7 @@ Job = Callable[[ml_collections.ConfigDict, str], Any]
 
 def run_job(job: Job | str, *,
             config_help: str, workdir_help: str,
-            report: Callable[[Any], None] | None = None) -> None:
+            report: Callable[[Any], None] | str | None = None) -> None:
   """Runs `job(config, workdir)` with `--config=FILE[:args]` and `--workdir`.
 
   Args:
@@ -256,7 +256,8 @@ def run_job(job: Job | str, *,
       mistaken flag does not wait for JAX and TensorFlow to load.
     config_help: help text of --config (name an example config).
     workdir_help: help text of --workdir.
-    report: called with what `job` returned (e.g. to log the results).
+    report: called with what `job` returned (e.g. to log the results); a
+      "module:function" name is imported with the job.
   """
 
   def define_flags():
@@ -269,7 +270,7 @@ def run_job(job: Job | str, *,
     run = load_job(job) if isinstance(job, str) else job
     out = run(flags.FLAGS.config, flags.FLAGS.workdir)
     if report is not None:
-      report(out)
+      (load_job(report) if isinstance(report, str) else report)(out)
 
   make_configs_importable(sys.argv)
   run(main, define_flags)

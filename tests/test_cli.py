@@ -77,6 +77,30 @@ def test_a_flag_mistake_is_one_line_before_any_heavy_import(args, message,
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("module,config", [
+    ("detco_jax.eval.linear", "configs/linear_probe.py:demo"),
+    ("detco_jax.eval.knn", "configs/linear_probe.py:demo"),
+    ("detco_jax.eval.dense", "configs/dense_probe.py:demo"),
+    ("detco_jax.eval.detection", "configs/detection.py:demo"),
+])
+def test_an_evaluation_job_checks_its_flags_before_any_heavy_import(
+    module, config, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run(
+      [sys.executable, "-X", "importtime", "-m", module, f"--config={config}",
+       "--config.batch_sise=3", f"--workdir={tmp_path}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  errors = [l for l in out.stderr.splitlines()
+            if not l.startswith("import time:")]
+  assert errors == ["Error: unknown config key 'batch_sise'; did you mean "
+                    "'batch_size'?"]
+  imported = {l.split("|")[-1].strip() for l in out.stderr.splitlines()
+              if l.startswith("import time:")}
+  assert not imported & {"jax", "tensorflow"}
+  assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("config,message", [
     ("configs/detco.py:dmeo",
      "unknown config variant 'dmeo'; did you mean 'demo'? (variants: demo,"),

@@ -25,6 +25,15 @@ refuses another one.
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
+if __name__ == "__main__":
+  # The flags and the config are checked before JAX and TensorFlow load: the
+  # job runs from this module imported again under its own name.
+  cli.run_job(
+      "detco_jax.eval.dense:run",
+      config_help="Dense-probe config, e.g. configs/dense_probe.py:demo.",
+      workdir_help="The probe's directory (checkpoints, results).",
+      report="detco_jax.eval.dense:report")
+
 # pylint: disable=g-import-not-at-top,wrong-import-order
 import json
 import os
@@ -462,10 +471,3 @@ def report(results: dict[str, Any]) -> None:
   for stage, r in results.get("stages", {}).items():
     logging.info("Process %d: %s mIoU %.4f", jax.process_index(), stage,
                  r["miou"])
-
-
-if __name__ == "__main__":
-  cli.run_job(
-      run, config_help="Dense-probe config, e.g. configs/dense_probe.py:demo.",
-      workdir_help="The probe's directory (checkpoints, results).",
-      report=report)

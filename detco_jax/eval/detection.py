@@ -26,6 +26,15 @@ few test images (predictions beside the ground truth) as
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
+if __name__ == "__main__":
+  # The flags and the config are checked before JAX and TensorFlow load: the
+  # job runs from this module imported again under its own name.
+  cli.run_job(
+      "detco_jax.eval.detection:run",
+      config_help="Detection config, e.g. configs/detection.py:demo.",
+      workdir_help="The detector's directory (checkpoints, COCO files, "
+      "detection_results.json).", report="detco_jax.eval.detection:report")
+
 # pylint: disable=g-import-not-at-top,wrong-import-order
 import dataclasses
 import functools
@@ -452,10 +461,3 @@ def report(results: dict[str, Any]) -> None:
     logging.info("Process %d: AP %.4f AP50 %.4f AP75 %.4f",
                  jax.process_index(), results["AP"], results["AP50"],
                  results["AP75"])
-
-
-if __name__ == "__main__":
-  cli.run_job(
-      run, config_help="Detection config, e.g. configs/detection.py:demo.",
-      workdir_help="The detector's directory (checkpoints, COCO files, "
-      "detection_results.json).", report=report)

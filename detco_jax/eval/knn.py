@@ -19,6 +19,15 @@ backbone every that many steps (see `detco_jax.train`).
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
+if __name__ == "__main__":
+  # The flags and the config are checked before JAX and TensorFlow load: the
+  # job runs from this module imported again under its own name.
+  cli.run_job(
+      "detco_jax.eval.knn:run",
+      config_help="Probe config, e.g. configs/linear_probe.py:demo.",
+      workdir_help="Directory for knn_results.json.",
+      report="detco_jax.eval.knn:report")
+
 # pylint: disable=g-import-not-at-top,wrong-import-order
 from typing import Any
 
@@ -172,9 +181,3 @@ def report(results: dict[str, Any]) -> None:
   logging.info("kNN top-1 (%s, k=%d): %.4f on %d test / %d train examples.",
                results["stage"], results["k"], results["knn_top1"],
                results["num_test"], results["num_train"])
-
-
-if __name__ == "__main__":
-  cli.run_job(
-      run, config_help="Probe config, e.g. configs/linear_probe.py:demo.",
-      workdir_help="Directory for knn_results.json.", report=report)

@@ -16,6 +16,15 @@ checkpoint resumes, data stream included; SIGTERM saves and exits.
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
+if __name__ == "__main__":
+  # The flags and the config are checked before JAX and TensorFlow load: the
+  # job runs from this module imported again under its own name.
+  cli.run_job(
+      "detco_jax.eval.linear:run",
+      config_help="Probe config, e.g. configs/linear_probe.py:demo.",
+      workdir_help="Directory for the probe's checkpoints, events and "
+      "linear_results.json.", report="detco_jax.eval.linear:report")
+
 # pylint: disable=g-import-not-at-top,wrong-import-order
 from typing import Any, Sequence
 
@@ -347,10 +356,3 @@ def report(results: dict[str, Any]) -> None:
   for stage, r in results.get("stages", {}).items():
     logging.info("Process %d: %s top-1 %.4f top-5 %.4f", jax.process_index(),
                  stage, r["top1"], r["top5"])
-
-
-if __name__ == "__main__":
-  cli.run_job(
-      run, config_help="Probe config, e.g. configs/linear_probe.py:demo.",
-      workdir_help="Directory for the probe's checkpoints, events and "
-      "linear_results.json.", report=report)
