@@ -125,6 +125,18 @@ def test_the_order_of_items_does_not_matter():
                               ("a", True), ("b", True), ("seed", 1)]
 
 
+def test_the_demo_runs_the_knn_monitor_once_an_epoch():
+  from detco_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for arg in ("demo", "demo,mocov2", "demo,epochs=3"):
+    c = detco_config.get_config(arg)
+    assert c.knn.every_steps == config_lib.steps_per_epoch(c) == 156
+  assert detco_config.get_config("demo,knn_epochs=2").knn.every_steps == 312
+  assert detco_config.get_config("demo,knn_epochs=0").knn.every_steps == 0
+  # The ablation's many short runs and the tests' tiny one skip it.
+  assert detco_config.get_config("ablation").knn.every_steps == 0
+  assert detco_config.get_config("tiny").knn.every_steps == 0
+
+
 def test_an_item_given_twice_is_an_error():
   with pytest.raises(ValueError, match="'seed' is given twice"):
     detco_config.get_config("ablation,seed=4,mocov2,seed=5")
