@@ -1,22 +1,23 @@
 r"""Learning curves: res5 kNN top-1 against epochs, from pretraining logs.
 
   python experiments/learning_curve.py --out=DIR \
-      --run=DetCo=workdirs/lc_detco --run="MoCo v2=workdirs/lc_mocov2" \
-      --floor=workdirs/lc_floor [--margin]
+      --run=DetCo=workdirs/demo --run="MoCo v2=workdirs/demo_mocov2" \
+      --floor=workdirs/demo_floor [--margin]
 
 Each `--run=LABEL=DIR[,DIR...]` is one method; several DIRs are seeds of it,
 averaged (mean, and half the range in the table). Each DIR is the
-`--workdir` of a pretraining run that ran the kNN monitor
-(`--config.knn.every_steps`, or the `knn_epochs=N` argument of
-configs/detco.py), which logs `knn/top1` in the run's TensorBoard events;
-steps become epochs with the run's own config.json.
+`--workdir` of a pretraining run that ran the kNN monitor: the demo runs it
+after every epoch (`configs/detco.py:demo`; elsewhere
+`--config.knn.every_steps` or the `knn_epochs=N` argument), which logs
+`knn/top1` in the run's TensorBoard events; steps become epochs with the
+run's own config.json.
 
 `--floor` is the untrained network's kNN top-1: a number, or the
 `knn_results.json` (or the folder holding it) of
 
   python -m detco_jax.eval.knn --config=configs/linear_probe.py:demo \
-      --config.pretrained=workdirs/lc_detco --config.random_init=True \
-      --config.knn.train_examples=5000 --workdir=workdirs/lc_floor
+      --config.pretrained=workdirs/demo --config.random_init=True \
+      --config.knn.train_examples=5000 --workdir=workdirs/demo_floor
 
 (the monitor's kNN settings: `knn.train_examples` as the pretraining
 config's, 5,000 in the demo). A floor measured with other kNN settings than
@@ -26,15 +27,11 @@ Writes `<out>/learning_curve.png` (the curves, the floor dashed; with
 `--margin` the margin over the floor instead), `learning_curve.md` (one row
 per epoch: each method's top-1 and margin) and `learning_curve.json`.
 
-The runs themselves, e.g. 24 epochs of the demo's recipe with the monitor
-once an epoch (hours on a 2-core CPU; run them one after the other):
-
-  python -m detco_jax.main \
-      --config=configs/detco.py:demo,epochs=24,knn_epochs=1 \
-      --workdir=workdirs/lc_detco
-  python -m detco_jax.main \
-      --config=configs/detco.py:demo,mocov2,epochs=24,knn_epochs=1 \
-      --workdir=workdirs/lc_mocov2
+The runs: the README's demo and its MoCo v2 twin, one after the other
+(`python -m detco_jax.main --config=configs/detco.py:demo
+--workdir=workdirs/demo`, and `:demo,mocov2` with
+`--workdir=workdirs/demo_mocov2`); longer curves add `epochs=N`, e.g.
+`--config=configs/detco.py:demo,epochs=24` (hours on a 2-core CPU).
 """
 
 import argparse

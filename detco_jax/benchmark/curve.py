@@ -6,7 +6,7 @@ trained with the real job (`train.run`) for the same number of epochs, with
 the kNN monitor after every epoch; then the linear probe (`linear.run`,
 `configs/linear_probe.py:demo,epochs=3`) of each backbone and of the
 untrained network (the floor). This is the learning evidence a 2-core CPU
-cannot give: the demo's 8 epochs take it half an hour.
+cannot give: the demo's 10 epochs take it 22 minutes.
 
 How many epochs: a short calibration run (two log windows of 5 DetCo steps)
 gives the steady step time and the start-up cost (compilation, data); a kNN
