@@ -168,6 +168,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return image.height, image.width
 
 
+@pytest.mark.long
 def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path):
   out = str(tmp_path / "attention")
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",

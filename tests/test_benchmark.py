@@ -94,6 +94,7 @@ def test_benchmark_command_prints_every_figure():
   assert "global batch: 16 (2 per device)" in stdout
 
 
+@pytest.mark.long
 def test_step_work_is_split_over_devices():
   """Per-device FLOPs near the backbone's: nothing runs replicated.
 

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = '''
@@ -54,6 +56,7 @@ def section(out):
   return rest.split("short test summary info", 1)[0]
 
 
+@pytest.mark.long
 def test_a_test_that_crashes_once_passes_on_its_rerun_and_is_listed(tmp_path):
   rc, out = run_pytest(tmp_path, "test_crashes_once")
   assert rc == 0, out
@@ -70,6 +73,7 @@ def test_a_test_that_crashes_once_passes_on_its_rerun_and_is_listed(tmp_path):
   assert sorted(kept) == ["gw0.txt", "gw1.txt"], kept
 
 
+@pytest.mark.long
 def test_a_test_that_crashes_every_time_fails_after_one_rerun(tmp_path):
   rc, out = run_pytest(tmp_path, "test_crashes_always")
   assert rc == 1, out

@@ -137,6 +137,7 @@ def test_remap_mask_offsets_and_ignores():
       [255, 0, 1, 2, 255])
 
 
+@pytest.mark.long
 def test_streams_on_builtin(builtin_data_dir):
   config = tiny_config(builtin_data_dir)
   assert config.data.class_names == ("background",) + builtin.CLASS_NAMES

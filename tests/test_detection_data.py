@@ -407,6 +407,7 @@ def test_sample_geometry_ranges():
           bool(test.flip)) == (21, 32, 0, 0, False)
 
 
+@pytest.mark.long
 def test_shards_are_disjoint_and_cover_the_split(builtin_data_dir, by_image):
   config = tiny_config(builtin_data_dir, scale_range=(1.0, 1.0),
                        flip_prob=0.0)
@@ -431,6 +432,7 @@ def test_shards_are_disjoint_and_cover_the_split(builtin_data_dir, by_image):
   assert num_batches == [4, 4]
 
 
+@pytest.mark.long
 def test_resume_equals_uninterrupted_stream(builtin_data_dir):
   # 20 examples, 8 per step: epochs end mid-batch.
   config = tiny_config(builtin_data_dir)

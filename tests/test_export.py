@@ -330,6 +330,7 @@ def _torch_stage_maps(sd, x):
   return maps
 
 
+@pytest.mark.long
 def test_torch_load_reads_the_export(resnet50_state_dict, tmp_path):
   torch = pytest.importorskip("torch")
   sd = resnet50_state_dict
@@ -346,7 +347,9 @@ def test_torch_load_reads_the_export(resnet50_state_dict, tmp_path):
       np.testing.assert_array_equal(t.numpy(), v)
 
 
-@pytest.mark.parametrize("which", ["tiny_cifar_resnet10", "resnet50_64px"])
+@pytest.mark.parametrize(
+    "which", ["tiny_cifar_resnet10",
+              pytest.param("resnet50_64px", marks=pytest.mark.long)])
 def test_torch_forward_matches_flax(which, request, tmp_path):
   torch = pytest.importorskip("torch")
   if which == "resnet50_64px":

@@ -391,8 +391,12 @@ def _backbone_tensors(model):
           if not k.startswith("fc.")}
 
 
-@pytest.mark.parametrize("layout", ["torchvision_zip", "torchvision_legacy",
-                                    "moco", "detectron2"])
+@pytest.mark.parametrize("layout", [
+    "torchvision_zip",
+    # The quick tier keeps one layout; the full suite checks all four.
+    pytest.param("torchvision_legacy", marks=pytest.mark.long),
+    pytest.param("moco", marks=pytest.mark.long),
+    pytest.param("detectron2", marks=pytest.mark.long)])
 def test_a_file_imported_then_exported_is_the_file_bit_for_bit(
     layout, tmp_path):
   torch = pytest.importorskip("torch")

@@ -30,6 +30,7 @@ def config(tiny_pretrain_workdir, builtin_data_dir):
   return c
 
 
+@pytest.mark.long
 def test_restores_exactly_the_pretrained_query_backbone(tiny_pretrain_workdir):
   """Probe features equal the pretraining model's own features."""
   backbone = pretrained.load(tiny_pretrain_workdir)
@@ -127,6 +128,7 @@ def test_sigterm_or_nan_then_resume_equal_an_uninterrupted_run(config,
   assert straight.results["steps"] == 8
 
 
+@pytest.mark.long
 def test_random_init_floor_and_bad_inputs(config, tmp_path):
   config.random_init = True
   config.num_train_examples = 32  # One step: the floor's plumbing only.

@@ -144,7 +144,8 @@ def test_views_differ_across_processes(tmp_path):
   assert not np.array_equal(a["local"], b["local"])
 
 
-@pytest.mark.parametrize("corrupt", [False, True])
+@pytest.mark.parametrize(
+    "corrupt", [False, pytest.param(True, marks=pytest.mark.long)])
 def test_resume_equals_uninterrupted_stream(tmp_path, corrupt):
   # 10 images, 4 per step: epochs end mid-batch (steps 2 and 5).
   dataset = solid_folder(tmp_path, 10)
@@ -162,6 +163,7 @@ def test_resume_equals_uninterrupted_stream(tmp_path, corrupt):
     assert_same_batches(resumed, full[start:])
 
 
+@pytest.mark.long
 def test_resume_of_second_process(tmp_path):
   config = tiny_config(noise_folder(tmp_path, 9), batch_size=4)
   make = lambda s: pipeline.make_pretrain_iterator(
@@ -207,6 +209,7 @@ def test_missing_dataset_gives_guiding_error(tmp_path):
                                 process_index=0, process_count=1)
 
 
+@pytest.mark.long
 def test_pretrain_processes_read_disjoint_shards(tmp_path):
   config = tiny_config(solid_folder(tmp_path, 12, classes=3), batch_size=4)
   seen = []
@@ -296,6 +299,7 @@ def test_builtin_dataset_end_to_end(tmp_path):
   assert probe["image"].shape == (4, 32, 32, 3)
 
 
+@pytest.mark.long
 def test_builtin_dataset_resume(tmp_path):
   # TFRecord reading: per-epoch file order + seeded shuffle buffer, and the
   # in-epoch skip reads undecoded records. 24 examples, 10 per step.

@@ -89,6 +89,7 @@ def test_rotation_all_angles_are_rot90_of_the_view(flip_prob):
                   f"(flip_prob={flip_prob}, seed={seed.numpy()})")
 
 
+@pytest.mark.long
 def test_rotation_random_angle_matches_label_and_is_uniform():
   config = _exact_config("rotation", angles="random")
   g = config.views.global_size

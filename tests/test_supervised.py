@@ -34,6 +34,7 @@ def test_the_variant_picks_a_linear_head_over_the_dataset_classes(
   assert supervised.TASK.input_shape(config) == (1, 1, 32)
 
 
+@pytest.mark.long
 def test_batches_carry_each_example_own_label(builtin_data_dir):
   """Each batch's label is the label of the image its view was cut from,
   looked up from the TFDS split itself by the image's bytes."""
