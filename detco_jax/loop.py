@@ -91,6 +91,8 @@ class Job:
     finish: `finish(state, writer) -> results` once the last step is done
       (also when it was done before this run); not after a stop.
     profile_steps: (begin, end): profiler trace of these steps (process 0).
+    on_window: `on_window(step, window_means)` after each log window's
+      console line, on process 0 (e.g. the collapse monitor's warnings).
   """
   name: str
   workdir: str
@@ -109,6 +111,7 @@ class Job:
   first_batch: Callable[[Any, int, Writer], None] | None = None
   finish: Callable[[State, Writer], dict[str, Any]] | None = None
   profile_steps: Sequence[int] = ()
+  on_window: Callable[[int, dict[str, float]], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +277,8 @@ class _Window:
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
       logging.info("%s", self._line(step, scalars, per_step))
+      if job.on_window is not None:
+        job.on_window(step, scalars)
     self._history, self._tick = [], time.perf_counter()
     return scalars
 

@@ -13,7 +13,7 @@ and, only if asked for (not in the paper), the mirror term
 MoCo v2 is weights={"res5": 1} with terms=("gg",).
 """
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,45 @@ def _logits(q, k_pos, queue, temperature):
   return pos / temperature, neg / temperature
 
 
+class InfoNCEStats(NamedTuple):
+  """One InfoNCE term per example, with what the collapse monitor reads.
+
+  Attributes:
+    loss: [B] the loss with the positive logit first.
+    correct: [B] float32, 1 where the positive out-scores every negative.
+    margin: [B] the positive's cosine minus the hardest negative's.
+    mean_margin: [B] the positive's cosine minus the mean negative's.
+  """
+  loss: jax.Array
+  correct: jax.Array
+  margin: jax.Array
+  mean_margin: jax.Array
+
+
+def info_nce_stats(q: jax.Array, k_pos: jax.Array, queue: jax.Array,
+                   temperature: float) -> InfoNCEStats:
+  """InfoNCE per example, its top-1 hit and its cosine margins.
+
+  Args:
+    q: queries [B, D].
+    k_pos: positive keys [B, D] (treated as constants by the caller).
+    queue: negatives [K, D].
+    temperature: softmax temperature t.
+
+  Returns:
+    The per-example loss, hit and margins (`InfoNCEStats`).
+  """
+  pos, neg = _logits(q, k_pos, queue, temperature)
+  # log(e^pos + sum e^neg) without materialising the [B, K+1] concatenation.
+  lse = jnp.logaddexp(pos, jax.nn.logsumexp(neg, axis=1))
+  hardest = neg.max(axis=1)
+  # Margins in cosine units: logits are cosines over t.
+  return InfoNCEStats(
+      loss=lse - pos, correct=(pos >= hardest).astype(jnp.float32),
+      margin=(pos - hardest) * temperature,
+      mean_margin=(pos - neg.mean(axis=1)) * temperature)
+
+
 def info_nce_and_accuracy(
     q: jax.Array, k_pos: jax.Array, queue: jax.Array,
     temperature: float) -> tuple[jax.Array, jax.Array]:
@@ -50,11 +89,8 @@ def info_nce_and_accuracy(
     (loss [B], correct [B] float32): the loss with the positive logit first,
     and the instance-discrimination top-1 hit of each example.
   """
-  pos, neg = _logits(q, k_pos, queue, temperature)
-  # log(e^pos + sum e^neg) without materialising the [B, K+1] concatenation.
-  lse = jnp.logaddexp(pos, jax.nn.logsumexp(neg, axis=1))
-  correct = (pos >= neg.max(axis=1)).astype(jnp.float32)
-  return lse - pos, correct
+  stats = info_nce_stats(q, k_pos, queue, temperature)
+  return stats.loss, stats.correct
 
 
 def info_nce(q: jax.Array, k_pos: jax.Array, queue: jax.Array,
@@ -97,7 +133,9 @@ def detco_loss(
 
   Returns:
     (total, metrics): the scalar loss and, per stage s and term t, the mean
-    term under "s/t" and its top-1 accuracy under "s/t_acc".
+    term under "s/t", its top-1 accuracy under "s/t_acc" and its mean
+    cosine margins to the hardest and to the mean negative under
+    "s/t_margin" and "s/t_mean_margin" (`detco_jax.collapse`).
   """
   unknown = set(terms) - set(TERMS)
   if unknown:
@@ -111,10 +149,11 @@ def detco_loss(
   for stage, weight in weights.items():
     for term in terms:
       q_kind, k_kind = TERMS[term]
-      loss, correct = info_nce_and_accuracy(
-          queries[q_kind][stage], keys[k_kind][stage],
-          queues[k_kind][stage], temperature)
-      metrics[f"{stage}/{term}"] = loss.mean()
-      metrics[f"{stage}/{term}_acc"] = correct.mean()
-      total = total + weight * loss.mean()
+      stats = info_nce_stats(queries[q_kind][stage], keys[k_kind][stage],
+                             queues[k_kind][stage], temperature)
+      metrics[f"{stage}/{term}"] = stats.loss.mean()
+      metrics[f"{stage}/{term}_acc"] = stats.correct.mean()
+      metrics[f"{stage}/{term}_margin"] = stats.margin.mean()
+      metrics[f"{stage}/{term}_mean_margin"] = stats.mean_margin.mean()
+      total = total + weight * stats.loss.mean()
   return total, metrics

@@ -24,6 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from detco_jax import collapse
 from detco_jax import config_lib
 from detco_jax import losses
 from detco_jax import momentum
@@ -242,14 +243,17 @@ def contrastive_loss(queries: detco_lib.Embeddings,
     config: the experiment config (`loss`).
 
   Returns:
-    (total, metrics): the weighted sum and each term with its accuracy.
+    (total, metrics): the weighted sum, each term with its accuracy and
+    margins, and the collapse monitor's std of each head's queries.
   """
-  return losses.detco_loss(
+  weights = config_lib.loss_weights(config)
+  total, metrics = losses.detco_loss(
       queries["global"], queries["local"], keys["global"], keys["local"],
       queues["global"], queues["local"],
-      temperature=config.loss.temperature,
-      weights=config_lib.loss_weights(config),
+      temperature=config.loss.temperature, weights=weights,
       terms=config_lib.loss_terms(config))
+  metrics.update(collapse.head_stds(queries, weights))
+  return total, metrics
 
 
 def loss_and_grads(state: TrainState, views: Views,
@@ -348,7 +352,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
 
   Returns:
     (new state, metrics): scalar metrics "loss", "stage/term",
-    "stage/term_acc", "lr", "grad_norm" and "ema_momentum".
+    "stage/term_acc", "stage/term_margin", "stage/term_mean_margin",
+    "stage/kind_std", "lr", "grad_norm" and "ema_momentum".
   """
   aug_rng, shuffle_rng = step_rngs(rng, state.step)
   views = augment(batch, aug_rng, config)

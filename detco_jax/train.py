@@ -101,7 +101,8 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
       on_start=on_start,
       first_batch=(functools.partial(_write_views_image, config, method)
                    if config.write_views_image else None),
-      profile_steps=tuple(config.profile_steps))
+      profile_steps=tuple(config.profile_steps),
+      on_window=method.watch(config) if method.watch else None)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -118,3 +118,20 @@ def test_one_short_console_line_per_window(tmp_path, caplog):
   assert len(lines) == 2  # Windows end at steps 2 and 4.
   assert lines[0].startswith("toy step 2/4 loss ")
   assert " acc " in lines[0] and "img/s, ETA" in lines[0]
+
+
+def test_on_window_sees_each_window_after_its_console_line(tmp_path, caplog):
+  caplog.set_level(py_logging.INFO)
+  seen = []
+  def on_window(step, scalars):
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(f"toy step {step}/")]
+    seen.append((step, scalars["acc"], len(lines)))
+  loop.run(toy_job(str(tmp_path / "window"), total_steps=4,
+                   on_window=on_window))
+  # Windows of steps 1-2 and 3-4: batch means of [i, i^2/7, sin i].
+  acc = lambda i: np.mean([i, i * i / 7, np.sin(i)])
+  assert [(s, n) for s, _, n in seen] == [(2, 1), (4, 1)]
+  np.testing.assert_allclose([a for _, a, _ in seen],
+                             [(acc(0) + acc(1)) / 2, (acc(2) + acc(3)) / 2],
+                             rtol=1e-5)

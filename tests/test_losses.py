@@ -15,15 +15,22 @@ def unit(rng, *shape):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def np_info_nce(q, k, queue, tau):
-  """-log softmax of the positive over [positive, negatives], float64."""
-  losses_, hits = [], []
+def np_info_nce(q, k, queue, tau, margins=False):
+  """-log softmax of the positive over [positive, negatives], float64.
+
+  With `margins`, also the positive's cosine minus the hardest and minus
+  the mean negative's.
+  """
+  losses_, hits, hard, mean = [], [], [], []
   for qi, ki in zip(q, k):
     logits = np.concatenate([[qi @ ki], queue @ qi]) / tau
     p = np.exp(logits - logits.max())
     losses_.append(-np.log(p[0] / p.sum()))
     hits.append(float(np.argmax(logits) == 0))
-  return np.array(losses_), np.array(hits)
+    hard.append(qi @ ki - np.max(queue @ qi))
+    mean.append(qi @ ki - np.mean(queue @ qi))
+  out = np.array(losses_), np.array(hits)
+  return out + (np.array(hard), np.array(mean)) if margins else out
 
 
 def test_info_nce_matches_numpy():
@@ -63,8 +70,11 @@ def np_detco(inputs, weights, terms):
   for s, w in weights.items():
     for t in terms:
       q, k, queue = spec[t]
-      loss, hits = np_info_nce(q[s], k[s], queue[s], TAU)
+      loss, hits, hard, mean = np_info_nce(q[s], k[s], queue[s], TAU,
+                                           margins=True)
       metrics[f"{s}/{t}"], metrics[f"{s}/{t}_acc"] = loss.mean(), hits.mean()
+      metrics[f"{s}/{t}_margin"] = hard.mean()
+      metrics[f"{s}/{t}_mean_margin"] = mean.mean()
       total += w * loss.mean()
   return total, metrics
 

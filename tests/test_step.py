@@ -160,7 +160,9 @@ def test_mocov2_switches_drop_local_branch():
   del batch["local"]
   _, metrics = step(state, sharding.host_to_global(batch, mesh),
                     jax.random.key(0))
-  assert set(k for k in metrics if "/" in k) == {"res5/gg", "res5/gg_acc"}
+  assert set(k for k in metrics if "/" in k) == {
+      "res5/gg", "res5/gg_acc", "res5/gg_margin", "res5/gg_mean_margin",
+      "res5/global_std"}
 
 
 def test_shuffle_bn_keys_equal_explicit_per_group_computation():

@@ -45,8 +45,10 @@ def test_tiny_run_writes_checkpoints_events_and_config(config, tmp_path):
   events.Reload()
   tags = events.Tags()
   names = set(tags["scalars"]) | set(tags["tensors"])
+  # The collapse monitor: every head's std and every term's margins.
   for name in ("loss", "res2/gl_acc", "res5/gg", "lr", "images_per_sec",
-               "epoch"):
+               "epoch", "res2/global_std", "res5/local_std",
+               "res3/ll_margin", "res5/gl_mean_margin"):
     assert name in names, name
   steps = [e.step for e in (events.Scalars("loss") if "loss" in tags["scalars"]
                             else events.Tensors("loss"))]

@@ -40,6 +40,8 @@ class Method:
     views_panel: `views_panel(config, host_batch) -> float32 [H, W, 3]`,
       the first example's augmented views for TensorBoard.
     console: metric names shown on the console line besides the loss.
+    watch: `watch(config) -> on_window(step, window_means)`, a check of
+      each log window (the contrastive methods' collapse monitor), or None.
   """
   name: str
   validate: Callable[[Config, int, int], None]
@@ -48,3 +50,5 @@ class Method:
   build: Callable[[Config, Mesh, jax.Array], tuple[Any, StepFn]]
   views_panel: Callable[[Config, dict[str, np.ndarray]], np.ndarray]
   console: Sequence[str] = ()
+  watch: Callable[[Config], Callable[[int, dict[str, float]], Any]] | None = (
+      None)

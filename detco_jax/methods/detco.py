@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from detco_jax import collapse
 from detco_jax import config_lib
 from detco_jax import step as step_lib
 from detco_jax import visualize
@@ -50,7 +51,14 @@ def views_panel(config: base.Config, batch: dict[str, Any]) -> np.ndarray:
       config.aug.mean, config.aug.std)
 
 
+def watch(config: base.Config) -> collapse.Watch:
+  """The collapse monitor of a run: its heads' width, queue and batch."""
+  return collapse.Watch(config.model.embed_dim, config.queue_size,
+                        config.batch_size)
+
+
 METHOD = base.Method(
     name="detco", validate=config_lib.validate,
     example_views=pipeline.detco_example_views, build=build,
-    views_panel=views_panel, console=CONSOLE)
+    views_panel=views_panel, console=CONSOLE,
+    watch=lambda config: watch(config).check)
