@@ -12,7 +12,14 @@ the full stack instead; `--verbose` keeps the libraries' INFO lines.
 The flags are parsed before JAX, TensorFlow or a job's module is imported
 (`run_job` takes the job as "module:function"), so a mistyped flag, config
 key, variant or value fails within a second or two, as one line such as
-`Error: unknown config key 'batch_sise'; did you mean 'batch_size'?`.
+`Error: unknown config key 'batch_sise'; did you mean 'batch_size'?`. So do
+the checks that need no device (`precheck`; `detco_jax.config_checks`): a
+batch that does not split into BN groups, a `--workdir` that is a file, a
+`--config.pretrained` that holds no checkpoint. Nothing is written before
+they pass.
+
+A job run by `run_job` ends with one line that says what it wrote where,
+and the command that opens it (`describe_outputs`).
 """
 
 import os
@@ -34,8 +41,10 @@ import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
+from detco_jax import config_checks
 # Defines the multi-process flags; imports no JAX until a job starts.
 from detco_jax import distributed
 
@@ -46,6 +55,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 # "Unable to initialize backend 'tpu'" on every machine without one).
 _QUIET_LIBRARIES = ("/orbax/", "/clu/", "/tensorflow_datasets/",
                     "/jax/_src/xla_bridge.py")
+# In the name of every TensorBoard event file.
+_EVENTS = "tfevents"
 
 
 class _LibraryInfoFilter(py_logging.Filter):
@@ -65,14 +76,20 @@ def quiet_libraries() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
-def run(main: Callable[[], Any],
-        define_flags: Callable[[], None] | None = None) -> None:
+def run(main: Callable[[], Any] | str,
+        define_flags: Callable[[], None] | None = None,
+        precheck: Callable[[], None] | None = None) -> None:
   """Runs `main()` as the program.
 
   Args:
-    main: the program's body; flags are parsed when it runs.
+    main: the program's body; flags are parsed when it runs. A
+      "module:function" name is imported after `precheck` passed, so a
+      mistake does not wait for the module's imports (JAX, TensorFlow).
     define_flags: defines the program's own flags. Flags are defined here,
       not at import, so that job modules can import each other.
+    precheck: checks the parsed flags before `main` is imported or JAX
+      starts; its user error (`USER_ERRORS`) is one line, without the
+      traceback hint (the stack says nothing the message does not).
   """
   flags.DEFINE_bool("traceback", False,
                     "Show the full stack of an error instead of one line.")
@@ -80,7 +97,8 @@ def run(main: Callable[[], Any],
                     "Keep orbax's, clu's and TFDS's INFO lines in the log.")
   if define_flags is not None:
     define_flags()
-  app.run(lambda argv: _main(argv, main), flags_parser=_parse_flags)
+  app.run(lambda argv: _main(argv, main, precheck),
+          flags_parser=_parse_flags)
 
 
 def _fail(message: str) -> NoReturn:
@@ -227,15 +245,23 @@ def _parses_as(kind: type, text: str) -> bool:
   return True
 
 
-def _main(argv: list[str], main: Callable[[], Any]) -> None:
+def _main(argv: list[str], main: Callable[[], Any] | str,
+          precheck: Callable[[], None] | None) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.verbose:
     quiet_libraries()
   try:
+    if precheck is not None:
+      precheck()
+  except USER_ERRORS as e:
+    if flags.FLAGS.traceback:
+      raise
+    _fail(str(e))
+  try:
     distributed.initialize()
     distributed.log_devices()
-    main()
+    (load_job(main) if isinstance(main, str) else main)()
   except USER_ERRORS as e:
     if flags.FLAGS.traceback:
       raise
@@ -247,8 +273,14 @@ Job = Callable[[ml_collections.ConfigDict, str], Any]
 
 def run_job(job: Job | str, *,
             config_help: str, workdir_help: str,
-            report: Callable[[Any], None] | str | None = None) -> None:
+            report: Callable[[Any], None] | str | None = None,
+            precheck: Callable[[ml_collections.ConfigDict, str], None] | str
+            | None = None) -> None:
   """Runs `job(config, workdir)` with `--config=FILE[:args]` and `--workdir`.
+
+  Before the job's module is imported, `precheck` checks the config and
+  `--workdir` is checked to be a directory or a path that can become one;
+  after the job, one line says what it wrote where (`describe_outputs`).
 
   Args:
     job: the job's `run(config, workdir)`, or its name as "module:function"
@@ -258,6 +290,9 @@ def run_job(job: Job | str, *,
     workdir_help: help text of --workdir.
     report: called with what `job` returned (e.g. to log the results); a
       "module:function" name is imported with the job.
+    precheck: `precheck(config, workdir)`, the job's checks that need no
+      device (e.g. "detco_jax.config_checks:check_probe"); a
+      "module:function" name must import no JAX or TensorFlow.
   """
 
   def define_flags():
@@ -266,14 +301,71 @@ def run_job(job: Job | str, *,
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flags_as_required(["config", "workdir"])
 
+  def check():
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if precheck is not None:
+      (load_job(precheck) if isinstance(precheck, str) else precheck)(
+          config, workdir)
+    config_checks.check_directory("workdir", workdir)
+
   def main():
     run = load_job(job) if isinstance(job, str) else job
     out = run(flags.FLAGS.config, flags.FLAGS.workdir)
     if report is not None:
       (load_job(report) if isinstance(report, str) else report)(out)
+    log_outputs(flags.FLAGS.workdir)
 
   make_configs_importable(sys.argv)
-  run(main, define_flags)
+  run(main, define_flags, precheck=check)
+
+
+def describe_outputs(directory: str) -> str | None:
+  """One line: what a job left in `directory`, and how to look at it.
+
+  e.g. "Wrote checkpoints to w/checkpoints (steps 12, 24), TensorBoard
+  events and config.json to w; view the events with: tensorboard --logdir
+  w". Read from the directory itself, so every job is described alike and
+  none lists its outputs twice.
+
+  Args:
+    directory: a job's workdir or output folder (local or gs://).
+
+  Returns:
+    The line, or None when the directory holds nothing.
+  """
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return None
+  entries = sorted(path.iterdir(), key=lambda p: p.name)
+  parts = []
+  checkpoints = path / config_checks.CHECKPOINTS_DIR
+  steps = sorted(int(p.name) for p in checkpoints.iterdir()
+                 if p.name.isdigit()) if checkpoints.is_dir() else []
+  if steps:
+    parts.append(f"checkpoints to {checkpoints} "
+                 f"(steps {', '.join(map(str, steps))})")
+  events = any(_EVENTS in p.name for p in entries)
+  files = (["TensorBoard events"] if events else []) + [
+      p.name for p in entries if p.is_file() and _EVENTS not in p.name
+      and not p.name.startswith(".")]
+  if files:
+    listed = (", ".join(files[:-1]) + " and " if len(files) > 1 else "")
+    parts.append(f"{listed}{files[-1]} to {directory}")
+  if not parts:
+    return None
+  view = (f"; view the events with: tensorboard --logdir {directory}"
+          if events else ".")
+  return "Wrote " + ", ".join(parts) + view
+
+
+def log_outputs(directory: str) -> None:
+  """Logs `describe_outputs(directory)` on process 0 (after a job ran)."""
+  import jax  # pylint: disable=g-import-not-at-top  # Loaded by the job.
+  if jax.process_index() != 0:
+    return
+  line = describe_outputs(directory)
+  if line:
+    logging.info("%s", line)
 
 
 def load_job(name: str) -> Job:

@@ -2,19 +2,21 @@
 
 Every consumer (train step, loop, benchmark, probes) reads the effective
 loss weights, terms and BN grouping from here, so a switch such as
-`loss.multi_level=False` means the same thing everywhere.
+`loss.multi_level=False` means the same thing everywhere. The checks that
+need no device live in `config_checks` (the command line runs them before
+JAX loads); `validate` adds those that need the devices or the model code.
 """
 
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from detco_jax import momentum
+from detco_jax import config_checks
 from detco_jax import optim
 from detco_jax.models import detco as detco_lib
 from detco_jax.models import resnet
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in config_checks.DTYPE_NAMES}
 
 
 def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -43,9 +45,8 @@ def queue_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(sorted({kinds[t] for t in loss_terms(config)}))
 
 
-def bn_groups(config: ml_collections.ConfigDict) -> int:
-  """BN sub-batches: `bn_groups` for shuffle BN, 1 for sync BN."""
-  return 1 if config.bn == "sync" else config.bn_groups
+# Defined without JAX so that the command line checks the batch against it.
+bn_groups = config_checks.bn_groups
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
@@ -85,22 +86,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     ValueError: on the first inconsistent value.
   """
   validate_backbone(config, num_devices, process_count)
-  checks = [
-      (config.bn in ("shuffle", "sync"),
-       f"bn={config.bn!r} must be 'shuffle' or 'sync'."),
-      (config.bn_stats in ("views", "views_and_patches"),
-       f"bn_stats={config.bn_stats!r} must be 'views' or "
-       "'views_and_patches'."),
-      (config.views.patch_size <= config.views.local_size // config.views.grid,
-       f"views.patch_size={config.views.patch_size} exceeds its grid cell "
-       f"(views.local_size // views.grid = "
-       f"{config.views.local_size // config.views.grid}); lower "
-       f"views.patch_size or raise views.local_size."),
+  config_checks.check_detco(config)
+  config_checks.raise_first([
       (set(config.loss.stage_weights) <= set(resnet.STAGES),
        f"loss.stage_weights keys must be among {resnet.STAGES}."),
-  ]
-  _raise_first(checks)
-  momentum.check_queue_size(config.queue_size, config.batch_size)
+  ])
 
 
 def validate_backbone(config: ml_collections.ConfigDict, num_devices: int,
@@ -116,30 +106,19 @@ def validate_backbone(config: ml_collections.ConfigDict, num_devices: int,
     ValueError: on the first inconsistent value.
   """
   b = config.batch_size
-  _raise_first([
+  config_checks.raise_first([
       (b > 0 and b % num_devices == 0,
        f"batch_size={b} must be a positive multiple of the {num_devices} "
        f"devices; e.g. --config.batch_size={_round_up(b, num_devices)}."),
       (b % process_count == 0,
        f"batch_size={b} must divide over the {process_count} processes."),
-      (b % bn_groups(config) == 0,
-       f"batch_size={b} must be a multiple of bn_groups={config.bn_groups}; "
-       f"set --config.bn_groups to a divisor of {b}."),
+  ])
+  config_checks.check_backbone(config)
+  config_checks.raise_first([
       (config.model.depth in resnet.ARCHS,
        f"model.depth={config.model.depth} must be one of "
        f"{sorted(resnet.ARCHS)}."),
-      (config.model.stem in ("imagenet", "cifar"),
-       f"model.stem={config.model.stem!r} must be 'imagenet' or 'cifar'."),
-      (config.model.dtype in DTYPES,
-       f"model.dtype={config.model.dtype!r} must be one of {sorted(DTYPES)}."),
   ])
-
-
-def _raise_first(checks: list[tuple[bool, str]]) -> None:
-  """Raises `ValueError("Bad config: ...")` for the first failed check."""
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(f"Bad config: {message}")
 
 
 def _round_up(x: int, multiple: int) -> int:

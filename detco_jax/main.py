@@ -29,4 +29,4 @@ if __name__ == "__main__":
       "detco_jax.train:run",
       config_help="Experiment config file, e.g. configs/detco.py:demo.",
       workdir_help="Directory for checkpoints, TensorBoard events, config.",
-      report=report)
+      report=report, precheck="detco_jax.config_checks:check_pretraining")

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from detco_jax import config_checks
 from detco_jax.models import heads
 
 Queues = dict[str, Any]  # {"global": {stage: [K, D]}, "local": {...}, "ptr"}
@@ -54,19 +55,8 @@ def momentum_at(step: jax.Array | int, total_steps: int, base: float,
   return 1.0 - (1.0 - base) * (jnp.cos(math.pi * frac) + 1.0) / 2.0
 
 
-def check_queue_size(queue_size: int, global_batch: int) -> None:
-  """Raises a ValueError unless the queue holds a whole number of batches.
-
-  Args:
-    queue_size: K.
-    global_batch: keys enqueued per step (the batch of all processes).
-  """
-  if queue_size <= 0 or queue_size % global_batch:
-    raise ValueError(
-        f"Bad config: queue_size={queue_size} must be a positive multiple of "
-        f"the global batch_size={global_batch}, so that each step's keys fit "
-        f"without wrapping mid-batch; e.g. --config.queue_size="
-        f"{max(1, round(queue_size / global_batch)) * global_batch}.")
+# Defined without JAX so that the command line checks it before JAX loads.
+check_queue_size = config_checks.check_queue_size
 
 
 def init_queues(rng: jax.Array, stages: Sequence[str], kinds: Sequence[str],

@@ -31,6 +31,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from detco_jax import checkpoint as checkpoint_lib
+from detco_jax import config_checks
 from detco_jax import config_lib
 from detco_jax import sharding
 from detco_jax.interop import backbone_file
@@ -317,19 +318,14 @@ def load_source(path: str, step: int | None = None,
     The backbone.
 
   Raises:
-    FileNotFoundError: when `path` is neither.
+    FileNotFoundError: when `path` is neither, or a workdir without a
+      checkpoint (`step`'s).
     ValueError: for a step with a file, or a source without a backbone.
   """
+  # The command line ran the same checks before JAX loaded.
+  config_checks.check_source(path, step)
   if is_file(path):
-    if step is not None:
-      raise ValueError(
-          f"Step {step} names a checkpoint of a pretraining workdir, but "
-          f"{path} is a checkpoint file: drop the step.")
     return load_file(path, settings, mesh)
-  if not epath.Path(path).exists():
-    raise FileNotFoundError(
-        f"{path} is neither a checkpoint file nor a pretraining workdir (a "
-        "directory with config.json and checkpoints/).")
   return load(path, step, mesh)
 
 
@@ -351,11 +347,7 @@ def for_probe(config: ml_collections.ConfigDict,
       a file.
   """
   if not config.pretrained:
-    raise ValueError(
-        "Set --config.pretrained=PRETRAIN_WORKDIR or =CHECKPOINT_FILE: the "
-        "probe takes the backbone (and, with --config.random_init=True, just "
-        "its architecture) from a pretraining run's workdir or from a "
-        "torchvision / MoCo / DetCo .pth or detectron2 .pkl file.")
+    raise ValueError(config_checks.PRETRAINED_UNSET)
   settings = file_settings(config.get("pretrained_file"))
   if not config.random_init:
     return load_source(config.pretrained, config.pretrained_step, settings,

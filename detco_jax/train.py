@@ -73,6 +73,8 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state, train_step = method.build(config, mesh, init_rng)
   sources.prepare_builtin(config.data)
+  # Before the loop makes the workdir: a missing dataset writes nothing.
+  sources.check_available(config.data, config.data.train_split)
   example_views = method.example_views(config)
 
   def step(state, host_batch):

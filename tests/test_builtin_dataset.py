@@ -3,6 +3,7 @@
 import colorsys
 import hashlib
 import pathlib
+import re
 import socket
 import time
 
@@ -226,6 +227,32 @@ def test_second_prepare_is_a_no_op(prepared, monkeypatch):
   assert time.perf_counter() - start < 5.0
   assert _files(data_dir) == before
   assert b.info.splits["train"].num_examples == NUM_TRAIN
+
+
+def test_building_says_what_where_and_how_long(tmp_path, caplog):
+  caplog.set_level("INFO")
+
+  def said():
+    lines = [r.getMessage() for r in caplog.records
+             if r.pathname.endswith("builtin.py")]
+    caplog.clear()
+    return lines
+
+  b = builtin.prepare(image_size=16, num_train=8, num_test=4,
+                      data_dir=str(tmp_path))
+  where = str(b.data_dir)
+  assert where.startswith(str(tmp_path))
+  building, built = said()
+  assert building == (
+      "Building the built-in dataset detco_shapes/s16_tr8_te4 (8 train and "
+      f"4 test images of 16 px) into {where}; this happens once per data "
+      "dir.")
+  assert re.fullmatch(r"Built detco_shapes/s16_tr8_te4 in \d+\.\d s; "
+                      rf"cached in {re.escape(where)}\.", built), built
+  # Cached: nothing to say.
+  builtin.prepare(image_size=16, num_train=8, num_test=4,
+                  data_dir=str(tmp_path))
+  assert not said()
 
 
 def test_config_names_and_cache_dirs(tmp_path):

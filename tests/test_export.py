@@ -280,6 +280,41 @@ def test_cli_end_to_end(tiny_pretrain_workdir, tmp_path, caplog):
     export.run(workdir, "onnx", str(tmp_path / "x"))
 
 
+def test_the_log_names_the_step_once_and_the_inputs_alike(
+    tiny_pretrain_workdir, tmp_path, caplog):
+  caplog.set_level("INFO")
+
+  def wrote():
+    [line] = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Wrote ")]
+    caplog.clear()
+    return line
+
+  # A workdir's config.json and a file's settings spell the same inputs
+  # differently (lists and 1, tuples and 1.0): the log does not.
+  tv, d2 = tmp_path / "r10.pth", tmp_path / "r10.pkl"
+  export.run(tiny_pretrain_workdir, "torchvision", str(tv))
+  from_workdir = wrote()
+  export.run(str(tv), "detectron2", str(d2))
+  from_file = wrote()
+  inputs = ("Inputs: RGB images in 0..1, normalised with mean (0.485, 0.456, "
+            "0.406) and std (0.229, 0.224, 0.225).")
+  assert f" from {tiny_pretrain_workdir} step 6. {inputs} " in from_workdir
+  assert from_workdir.count("step 6") == 1
+  assert f" from {tv} (ResNet-10 " in from_file and inputs in from_file
+  assert from_workdir.endswith(
+      f"Open it with: model.load_state_dict(torch.load('{tv}', "
+      "weights_only=True), strict=False)")
+  assert from_file.endswith(f"Open it with: MODEL.WEIGHTS {d2} with "
+                            "MODEL.RESNETS.STRIDE_IN_1X1 False "
+                            "(docs/checkpoints.md)")
+  assert export.normalisation(
+      {"mean": [103.53, 116.28, 123.675], "std": [1, 1, 1],
+       "pixel_range": 255.0, "channels": "BGR"}) == (
+           "Inputs: BGR images in 0..255, normalised with mean (103.53, "
+           "116.28, 123.675) and std (1, 1, 1).")
+
+
 # ----------------------------------------------------------------------------
 # With torch.
 

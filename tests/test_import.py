@@ -512,8 +512,9 @@ def test_moco_checkpoint_takes_the_query_encoder_and_says_so(tmp_path,
   log = caplog.text
   assert (f"{path} (torch zip, ['state_dict']): took 60 tensors of ResNet-10 "
           "(width 8, cifar stem) under 'module.encoder_q.' (torchvision "
-          "names); dropped the heads module.encoder_q.fc.* (4); ignored "
-          "module.encoder_k.* (76), module.queue, module.queue_ptr.") in log
+          "names); dropped 12 num_batches_tracked tensors and the heads "
+          "module.encoder_q.fc.* (4); ignored module.encoder_k.* (76), "
+          "module.queue, module.queue_ptr.") in log
 
 
 def _save_state(torch_module, tmp_path, edit, name="edited.pth"):

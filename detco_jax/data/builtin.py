@@ -40,11 +40,13 @@ import dataclasses
 import functools
 import io
 import re
+import time
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from absl import logging
 
 from detco_jax.data import scenes
 
@@ -217,6 +219,16 @@ def prepare(image_size: int = 64, num_train: int = 10_000,
     The prepared builder; read it with `as_dataset(split=...)`.
   """
   b = builder(image_size, num_train, num_test, data_dir)
+  if b.is_prepared():
+    return b
+  # Tens of seconds at the demo's size: say what runs, where it goes.
+  name = f"{b.name}/{b.builder_config.name}"
+  logging.info("Building the built-in dataset %s (%d train and %d test "
+               "images of %d px) into %s; this happens once per data dir.",
+               name, num_train, num_test, image_size, b.data_dir)
+  start = time.perf_counter()
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False))
+  logging.info("Built %s in %.1f s; cached in %s.", name,
+               time.perf_counter() - start, b.data_dir)
   return b

@@ -250,6 +250,24 @@ def prepare_builtin(config_data: Any) -> None:
     multihost_utils.sync_global_devices("detco_jax: built-in dataset ready")
 
 
+def check_available(config_data: Any, split: str) -> None:
+  """Raises now, before a job writes anything, if `split` cannot be read.
+
+  Args:
+    config_data: the `config.data` section.
+    split: the split the job reads first.
+
+  Raises:
+    DatasetUnavailableError: an unknown or unprepared TFDS dataset, a
+      missing folder, or no such split.
+  """
+  name = config_data.dataset
+  if name.startswith(FOLDER_PREFIX):
+    _folder_dir(name, split)
+  else:
+    _split_info(name, tfds_builder(config_data), split)
+
+
 def num_examples(config_data: Any, split: str) -> int:
   """Number of examples in a whole split (all processes together).
 

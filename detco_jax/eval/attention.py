@@ -55,22 +55,123 @@ Written to `--out` (process 0 only; every process may run the command):
 from detco_jax import cli  # First: it quiets TensorFlow's import.
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
-import copy
 import dataclasses
-import io
+import os
 import re
 import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from detco_jax import config_checks
+
+# A run whose workdir is one of these is a random initialisation.
+RANDOM_WORKDIRS = ("random", "random_init")
+_LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+# ----------------------------------------------------------------------------
+# Command line: parsed and checked before JAX and TensorFlow load; the job
+# then runs from this module imported again under its own name.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One `--run`: a label and a workdir or checkpoint file (None: random
+  initialisation)."""
+  label: str
+  workdir: str | None
+  step: int | None = None
+
+
+def parse_run(spec: str) -> RunSpec:
+  """Parses `LABEL:WORKDIR[@STEP]` or `LABEL:random`.
+
+  Args:
+    spec: the flag value. The label ends at the first ":" (so gs:// workdirs
+      work); `@STEP` picks a checkpoint of that run.
+
+  Returns:
+    The run.
+
+  Raises:
+    ValueError: on a malformed spec or a label unfit for a file name.
+  """
+  label, sep, workdir = spec.partition(":")
+  if not sep or not workdir:
+    raise ValueError(f"--run={spec!r}: expected LABEL:WORKDIR[@STEP] or "
+                     "LABEL:random.")
+  if not _LABEL.match(label):
+    raise ValueError(f"--run={spec!r}: the label {label!r} must be letters, "
+                     "digits or _.+- (it names files and TensorBoard tags).")
+  if workdir in RANDOM_WORKDIRS:
+    return RunSpec(label, None)
+  match = re.fullmatch(r"(.+)@(\d+)", workdir)
+  if match:
+    return RunSpec(label, match.group(1), int(match.group(2)))
+  return RunSpec(label, workdir)
+
+
+def _define_flags() -> None:
+  """Defines the CLI flags.
+
+  Only when run as a program: importing this module next to other jobs'
+  modules (tests, notebooks) must not clash on flag names such as --step.
+  """
+  flags.DEFINE_multi_string(
+      "run", None, "LABEL:WORKDIR[@STEP] of a pretraining run, LABEL:FILE "
+      "of a checkpoint file, or LABEL:random for the untrained floor; "
+      "repeat for several.", required=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "A probe config (e.g. configs/linear_probe.py:demo): "
+      "its data and eval_views give the images, its pretrained_file the "
+      "file runs' settings; default the first workdir run's dataset.",
+      lock_config=True)
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("num_images", 8, "Images (rows).")
+  flags.DEFINE_string("split", None,
+                      "Split; default the first run's data.eval_split.")
+  flags.DEFINE_string("data_dir", None, "Overrides the runs' data.data_dir.")
+  flags.DEFINE_integer("step", None,
+                       "Checkpoint of runs without @STEP; default latest.")
+  flags.DEFINE_float("p", 1.0, "Maps are the channel mean of |a|^p.")
+  flags.DEFINE_integer("seed", 0, "Initialisation seed of random runs.")
+  flags.DEFINE_float("alpha", 0.5, "Opacity of the heat maps.")
+  flags.DEFINE_integer("ratio_images", 500,
+                       "Test images for the object/background ratios (0: "
+                       "none).")
+
+
+def check_flags() -> None:
+  """Each run's workdir or file and `--out`, checked before JAX loads."""
+  f = flags.FLAGS
+  for run in map(parse_run, f.run):
+    if run.workdir is None:
+      continue
+    # A file has no steps: only its own @STEP is a mistake.
+    step = run.step
+    if step is None and not os.path.isfile(run.workdir):
+      step = f.step
+    config_checks.check_source(run.workdir, step)
+  config_checks.check_directory("out", f.out)
+
+
+if __name__ == "__main__":
+  cli.make_configs_importable(sys.argv)
+  cli.run("detco_jax.eval.attention:main", _define_flags,
+          precheck=check_flags)
+
+import copy
+import io
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
 from absl import logging
 from clu import metric_writers
 from etils import epath
-from ml_collections import config_flags
 from PIL import Image
 
 from detco_jax import pretrained
@@ -84,9 +185,6 @@ from detco_jax.eval import features
 Array = jax.Array
 
 STAGES = ("res2", "res3", "res4", "res5")
-# A run whose workdir is one of these is a random initialisation.
-RANDOM_WORKDIRS = ("random", "random_init")
-_LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 RATIO_FILE = "attention_ratio.json"
 
 
@@ -215,43 +313,6 @@ def stage_ratios(backbone: pretrained.Backbone, images: np.ndarray,
 
 # ----------------------------------------------------------------------------
 # Runs and images.
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """One `--run`: a label and a workdir or checkpoint file (None: random
-  initialisation)."""
-  label: str
-  workdir: str | None
-  step: int | None = None
-
-
-def parse_run(spec: str) -> RunSpec:
-  """Parses `LABEL:WORKDIR[@STEP]` or `LABEL:random`.
-
-  Args:
-    spec: the flag value. The label ends at the first ":" (so gs:// workdirs
-      work); `@STEP` picks a checkpoint of that run.
-
-  Returns:
-    The run.
-
-  Raises:
-    ValueError: on a malformed spec or a label unfit for a file name.
-  """
-  label, sep, workdir = spec.partition(":")
-  if not sep or not workdir:
-    raise ValueError(f"--run={spec!r}: expected LABEL:WORKDIR[@STEP] or "
-                     "LABEL:random.")
-  if not _LABEL.match(label):
-    raise ValueError(f"--run={spec!r}: the label {label!r} must be letters, "
-                     "digits or _.+- (it names files and TensorBoard tags).")
-  if workdir in RANDOM_WORKDIRS:
-    return RunSpec(label, None)
-  match = re.fullmatch(r"(.+)@(\d+)", workdir)
-  if match:
-    return RunSpec(label, match.group(1), int(match.group(2)))
-  return RunSpec(label, workdir)
 
 
 def load_backbones(runs: Sequence[RunSpec], step: int | None = None,
@@ -512,44 +573,10 @@ def run(specs: Sequence[str], out: str, *, num_images: int = 8,
 # Command line.
 
 
-def _define_flags() -> None:
-  """Defines the CLI flags.
-
-  Only when run as a program: importing this module next to other jobs'
-  modules (tests, notebooks) must not clash on flag names such as --step.
-  """
-  flags.DEFINE_multi_string(
-      "run", None, "LABEL:WORKDIR[@STEP] of a pretraining run, LABEL:FILE "
-      "of a checkpoint file, or LABEL:random for the untrained floor; "
-      "repeat for several.", required=True)
-  config_flags.DEFINE_config_file(
-      "config", None, "A probe config (e.g. configs/linear_probe.py:demo): "
-      "its data and eval_views give the images, its pretrained_file the "
-      "file runs' settings; default the first workdir run's dataset.",
-      lock_config=True)
-  flags.DEFINE_string("out", None, "Output directory.", required=True)
-  flags.DEFINE_integer("num_images", 8, "Images (rows).")
-  flags.DEFINE_string("split", None,
-                      "Split; default the first run's data.eval_split.")
-  flags.DEFINE_string("data_dir", None, "Overrides the runs' data.data_dir.")
-  flags.DEFINE_integer("step", None,
-                       "Checkpoint of runs without @STEP; default latest.")
-  flags.DEFINE_float("p", 1.0, "Maps are the channel mean of |a|^p.")
-  flags.DEFINE_integer("seed", 0, "Initialisation seed of random runs.")
-  flags.DEFINE_float("alpha", 0.5, "Opacity of the heat maps.")
-  flags.DEFINE_integer("ratio_images", 500,
-                       "Test images for the object/background ratios (0: "
-                       "none).")
-
-
 def main() -> None:
   """Runs the job with the command-line flags."""
   f = flags.FLAGS
   run(f.run, f.out, num_images=f.num_images, split=f.split,
       data_dir=f.data_dir, step=f.step, p=f.p, seed=f.seed, alpha=f.alpha,
       ratio_images=f.ratio_images, config=f.config)
-
-
-if __name__ == "__main__":
-  cli.make_configs_importable(sys.argv)
-  cli.run(main, _define_flags)
+  cli.log_outputs(f.out)

@@ -32,7 +32,8 @@ if __name__ == "__main__":
       "detco_jax.eval.dense:run",
       config_help="Dense-probe config, e.g. configs/dense_probe.py:demo.",
       workdir_help="The probe's directory (checkpoints, results).",
-      report="detco_jax.eval.dense:report")
+      report="detco_jax.eval.dense:report",
+      precheck="detco_jax.config_checks:check_probe")
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
 import json
@@ -49,6 +50,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
+from detco_jax import config_checks
 from detco_jax import loop
 from detco_jax import pretrained
 from detco_jax import reporting
@@ -315,10 +317,7 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if len(config.data.class_names) != config.data.num_classes:
     raise ValueError("config.data.class_names must name the "
                      f"{config.data.num_classes} classes of num_classes.")
-  if config.pretrained and _abs(config.pretrained) == _abs(workdir):
-    raise ValueError("--workdir must differ from --config.pretrained: the "
-                     "probe would write its checkpoints over the "
-                     "pretraining run's.")
+  config_checks.check_probe(config, workdir)
 
 
 def _abs(path: str) -> str:
@@ -358,9 +357,11 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
     ValueError: on a bad config, or a workdir that probes another backbone.
   """
   _check_config(config, workdir)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
   sources.prepare_builtin(config.data)
+  # Before anything is written: a missing dataset leaves no workdir behind.
+  sources.check_available(config.data, config.data.train_split)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   backbone = probe.backbone_for(
       config, mesh,
       lambda: (b["image"] for b in segmentation.make_train_iterator(config)))

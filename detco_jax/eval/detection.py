@@ -33,7 +33,8 @@ if __name__ == "__main__":
       "detco_jax.eval.detection:run",
       config_help="Detection config, e.g. configs/detection.py:demo.",
       workdir_help="The detector's directory (checkpoints, COCO files, "
-      "detection_results.json).", report="detco_jax.eval.detection:report")
+      "detection_results.json).", report="detco_jax.eval.detection:report",
+      precheck="detco_jax.config_checks:check_probe")
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
 import dataclasses

@@ -26,7 +26,8 @@ if __name__ == "__main__":
       "detco_jax.eval.knn:run",
       config_help="Probe config, e.g. configs/linear_probe.py:demo.",
       workdir_help="Directory for knn_results.json.",
-      report="detco_jax.eval.knn:report")
+      report="detco_jax.eval.knn:report",
+      precheck="detco_jax.config_checks:check_probe")
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
 from typing import Any

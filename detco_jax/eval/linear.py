@@ -23,7 +23,8 @@ if __name__ == "__main__":
       "detco_jax.eval.linear:run",
       config_help="Probe config, e.g. configs/linear_probe.py:demo.",
       workdir_help="Directory for the probe's checkpoints, events and "
-      "linear_results.json.", report="detco_jax.eval.linear:report")
+      "linear_results.json.", report="detco_jax.eval.linear:report",
+      precheck="detco_jax.config_checks:check_probe")
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
 from typing import Any, Sequence

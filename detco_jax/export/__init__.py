@@ -53,23 +53,30 @@ This package holds the job (`export`, `run`) and its command line
 
 import pickle
 import re
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from absl import logging
 from etils import epath
 
-from detco_jax import pretrained
-from detco_jax.interop import names
-from detco_jax.interop import torch_format
+if TYPE_CHECKING:
+  from detco_jax import pretrained  # pylint: disable=g-bad-import-order
 
 FORMATS = ("torchvision", "detectron2")
+# How each format's file is opened, for the last line of the log.
+_OPEN_WITH = {
+    "torchvision": "model.load_state_dict(torch.load({path!r}, "
+                   "weights_only=True), strict=False)",
+    "detectron2": "MODEL.WEIGHTS {path} with MODEL.RESNETS.STRIDE_IN_1X1 "
+                  "False (docs/checkpoints.md)",
+}
 
 
 # ----------------------------------------------------------------------------
 # Export.
 
 
-def export(backbone: pretrained.Backbone, fmt: str, out: str) -> dict[str, Any]:
+def export(backbone: "pretrained.Backbone", fmt: str,
+           out: str) -> dict[str, Any]:
   """Writes `backbone` in `fmt` to `out`.
 
   Args:
@@ -84,6 +91,11 @@ def export(backbone: pretrained.Backbone, fmt: str, out: str) -> dict[str, Any]:
   Raises:
     ValueError: for an unknown format.
   """
+  # Imported here: the command line checks its flags before JAX loads.
+  # pylint: disable=g-import-not-at-top
+  from detco_jax.interop import names
+  from detco_jax.interop import torch_format
+  # pylint: enable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
   module = backbone.module
@@ -107,15 +119,35 @@ def export(backbone: pretrained.Backbone, fmt: str, out: str) -> dict[str, Any]:
   parameters = sum(
       v.size for k, v in state_dict.items()
       if k.endswith(".weight") or k.endswith(".bias"))
-  aug = backbone.config.get("aug", {})
   logging.info(
-      "Wrote %s (%s, %d tensors, %d parameters) of ResNet-%d width %d "
-      "(%s, step %d). Inputs are normalised with mean %s, std %s of "
-      "%s images in 0..%s.", path, fmt, tensors, parameters, module.depth,
-      module.width, backbone.source, backbone.step, aug.get("mean"),
-      aug.get("std"), aug.get("channels", "RGB"), aug.get("pixel_range", 1))
+      "Wrote %s (%s, %d tensors, %d parameters) of ResNet-%d width %d from "
+      "%s. %s Open it with: %s", path, fmt, tensors, parameters,
+      module.depth, module.width, backbone.source,
+      normalisation(backbone.config.get("aug", {})),
+      _OPEN_WITH[fmt].format(path=str(path)))
   return {"format": fmt, "path": str(path), "tensors": tensors,
           "parameters": int(parameters), "step": backbone.step}
+
+
+def normalisation(aug: Any) -> str:
+  """The input convention, worded alike for a workdir and for a file.
+
+  A workdir's config.json gives lists and an int range, a file's settings
+  tuples and a float: both print as "(0.485, 0.456, 0.406)" and "0..1".
+
+  Args:
+    aug: a config's `aug` (mean, std, channels, pixel_range).
+
+  Returns:
+    e.g. "Inputs: RGB images in 0..1, normalised with mean (0.485, 0.456,
+    0.406) and std (0.229, 0.224, 0.225)."
+  """
+  def values(v):
+    return "(" + ", ".join(f"{float(x):g}" for x in v) + ")"
+  return (f"Inputs: {aug.get('channels', 'RGB')} images in "
+          f"0..{float(aug.get('pixel_range', 1)):g}, normalised with mean "
+          f"{values(aug.get('mean', ()))} and std "
+          f"{values(aug.get('std', ()))}.")
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
@@ -143,6 +175,8 @@ def run(source: str, fmt: str, out: str,
     ValueError: for an unknown format, a step for a file, or a source that
       holds no backbone; nothing is written.
   """
+  # Imported here, as in `export`: JAX loads only once the flags are good.
+  from detco_jax import pretrained  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
   return export(pretrained.load_source(source, step), fmt, out)

@@ -1,7 +1,9 @@
 """`python -m detco_jax.export`: the export's command line (see the package).
 
 The flags are defined here, not on import of the package, so that importing
-`detco_jax.export` next to other jobs cannot clash on flag names.
+`detco_jax.export` next to other jobs cannot clash on flag names. The
+package imports JAX only once it exports, so a missing or unreadable
+`--pretrained` and an `--out` that cannot be written fail as one line first.
 """
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
@@ -9,6 +11,7 @@ from detco_jax import cli  # First: it quiets TensorFlow's import.
 # pylint: disable=g-import-not-at-top,wrong-import-order
 from absl import flags
 
+from detco_jax import config_checks
 from detco_jax import export
 
 # absl's --help prints the main module's docstring: the package's documents
@@ -32,6 +35,13 @@ def define_flags() -> None:
                                        required=True)
 
 
+def check_flags() -> None:
+  """The source and --out, checked before JAX loads (`cli.run`)."""
+  f = flags.FLAGS
+  config_checks.check_source(f.pretrained or f.workdir, f.step)
+  config_checks.check_output_file("out", f.out)
+
+
 def main() -> None:
   """Exports with the command-line flags."""
   f = flags.FLAGS
@@ -39,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, define_flags)
+  cli.run(main, define_flags, precheck=check_flags)

@@ -305,13 +305,17 @@ def read(path: str, named: Mapping[str, Any] | None = None,
 
   variables = names.from_torchvision(tensors)
   outside = [k for k in state_dict if not k.startswith(prefix)]
+  # BN's step counters: this ResNet keeps none (the export writes 0).
+  counts = sum(k.endswith(_COUNT) for k in tensors)
+  dropped = ([f"{counts} num_batches_tracked tensors"] if counts else []) + (
+      [f"the heads {_groups([shown[h] for h in heads], prefix)}"]
+      if heads else [])
   summary = (
       f"{path} ({contents.container}{', ' + where if where else ''}): took "
-      f"{sum(not k.endswith(_COUNT) for k in tensors)} tensors of {arch} under "
+      f"{len(tensors) - counts} tensors of {arch} under "
       f"{repr(prefix) if prefix else 'no prefix'} ({scheme} names)"
       + ("" if bn_stats else ", without BN statistics (to be measured)")
-      + (f"; dropped the heads {_groups([shown[h] for h in heads], prefix)}"
-         if heads else "")
+      + (f"; dropped {' and '.join(dropped)}" if dropped else "")
       + (f"; ignored {_groups(outside)}" if outside else "") + ".")
   return Imported(arch, variables, bn_stats, contents.container, summary)
 

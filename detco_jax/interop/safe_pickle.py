@@ -46,16 +46,12 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 from etils import epath
 
+from detco_jax.interop import sniff
 from detco_jax.interop import torch_format
 
 # torch.save's legacy format: the first pickled objects.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-_ZIP_MAGIC = b"PK\x03\x04"
-# Every pickle of protocol >= 2 opens with PROTO; torch.save writes 2.
-_PICKLE_MAGIC = pickle.PROTO
-# A POSIX tar header has "ustar" at offset 257: torch < 0.4's tar format.
-_TAR_MAGIC = (257, b"ustar")
 
 
 class CheckpointFileError(ValueError):
@@ -376,23 +372,17 @@ def _read_legacy(f: BinaryIO, path: str) -> Any:
 
 
 def _read(f: BinaryIO, path: str) -> Contents:
-  head = f.read(512)
+  head = f.read(sniff.HEAD_BYTES)
   f.seek(0)
-  if head.startswith(_ZIP_MAGIC):
+  problem = sniff.problem(path, head)
+  if problem:
+    raise CheckpointFileError(problem)
+  if sniff.container(head) == "zip":
     return Contents(_read_zip(f, path), "torch zip")
-  if head[_TAR_MAGIC[0]:_TAR_MAGIC[0] + len(_TAR_MAGIC[1])] == _TAR_MAGIC[1]:
-    raise CheckpointFileError(
-        f"{path} is in the tar format of torch < 0.4, which this reader does "
-        "not support: load it with that torch and torch.save it again.")
-  if head.startswith(_PICKLE_MAGIC):
-    first = _Unpickler(f, path, False).load()
-    if isinstance(first, int) and first == LEGACY_MAGIC:
-      return Contents(_read_legacy(f, path), "torch legacy")
-    return Contents(first, "pickle")
-  raise CheckpointFileError(
-      f"{path} is not a checkpoint this project reads: not torch's zip or "
-      "legacy format (torch.save), nor a pickle (detectron2's .pkl); it "
-      f"starts with {head[:8]!r}.")
+  first = _Unpickler(f, path, False).load()
+  if isinstance(first, int) and first == LEGACY_MAGIC:
+    return Contents(_read_legacy(f, path), "torch legacy")
+  return Contents(first, "pickle")
 
 
 def read_file(path: str) -> Contents:
