@@ -28,6 +28,9 @@ directly comparable with detectron2's (or the paper's) RetinaNet figures:
              (at most 1333 for the longer) in training and to 800 in
              testing, with flips, on inputs that are not square.
 
+Smaller departures (anchor offset, loss normaliser, clipping before NMS)
+and the settings that undo them are listed in docs/evaluation.md.
+
 Variants (`--config=configs/detection.py:VARIANT`):
 
   (default)  COCO 2017 (`tfds build coco/2017`), train -> validation, 80
@@ -88,16 +91,25 @@ def base_config() -> ml_collections.ConfigDict:
       anchor_sizes=(32, 64, 128, 256, 512),  # Base size per level, pixels.
       scales_per_octave=3,
       ratios=(0.5, 1.0, 2.0),                # Anchor height / width.
+      # Anchor centres at (x + offset) * stride: 0.5 centres them in their
+      # cell (TF Model Garden); detectron2's ANCHOR_GENERATOR.OFFSET is 0.0.
+      anchor_offset=0.5,
       head_channels=256,
       norm="gn",
       backbone_bn="sync",                    # "sync" or "frozen".
       frozen_stages=0,                       # detectron2's FREEZE_AT.
   ))
   c.loss = ml_collections.ConfigDict(dict(
-      alpha=0.25, gamma=2.0, fg_iou=0.5, bg_iou=0.4, box_loss="l1"))
+      alpha=0.25, gamma=2.0, fg_iou=0.5, bg_iou=0.4, box_loss="l1",
+      smooth_l1_beta=0.0,  # Of box_loss="smooth_l1"; 0 is L1.
+      # The losses are divided by the batch's foreground anchors (momentum
+      # 0), or by their moving average from `normalizer_init` (detectron2:
+      # momentum 0.9 from 100 per GPU; detco_jax/detection/losses.py).
+      normalizer_momentum=0.0, normalizer_init=100.0))
   c.eval = ml_collections.ConfigDict(dict(
       score_threshold=0.05, topk_per_level=1000, nms_threshold=0.5,
       max_detections=100,
+      clip_after_nms=False,  # True: clip after NMS, as detectron2 does.
       picture_images=8,      # Test images drawn with their detections.
       picture_score=0.3,     # Detections drawn from this score on.
   ))

@@ -209,7 +209,8 @@ def _detector_state(config: ml_collections.ConfigDict,
                     mesh: Mesh, backbone: pretrained.Backbone) -> Any:
   """The job's fresh detector state (`detection.create_state`)."""
   return detection.create_state(model, backbone, tx, anchors,
-                                config.views.image_size, mesh, config.seed)
+                                config.views.image_size, mesh, config.seed,
+                                detection.initial_loss_normalizer(config))
 
 
 def build(config: ml_collections.ConfigDict,

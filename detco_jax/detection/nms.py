@@ -120,6 +120,11 @@ def _level_candidates(logits: jax.Array, deltas: jax.Array,
           jnp.concatenate(classes))
 
 
+def _nonempty(boxes: jax.Array) -> jax.Array:
+  """Boxes [N, 4] of positive width and height (detectron2's `nonempty`)."""
+  return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def _clip(boxes: jax.Array, image_size: jax.Array) -> jax.Array:
   """Clips boxes [N, 4] to an image of size (H, W)."""
   hi = jnp.stack([image_size[1], image_size[0]] * 2)
@@ -132,15 +137,20 @@ def postprocess(cls_logits: jax.Array, box_deltas: jax.Array,
                 score_threshold: float = 0.05,
                 topk_per_level: int = 1000, nms_threshold: float = 0.5,
                 max_detections: int = 100,
-                weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-                ) -> dict[str, jax.Array]:
+                weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                clip_after_nms: bool = False) -> dict[str, jax.Array]:
   """RetinaNet inference (detectron2's `RetinaNet.inference`), batched.
 
   Per image and level: scores = sigmoid(logits) over all (anchor, class)
   pairs, the top min(topk_per_level, A_l * K) of them, those > the score
-  threshold; their anchors' boxes decoded and clipped to the image (boxes
-  left empty by clipping dropped); then per-class NMS over all levels,
-  keeping the best max_detections.
+  threshold (the same set as detectron2's top min(topk, number above the
+  threshold) of those above it); their anchors' boxes decoded and clipped
+  to the image (boxes left empty by clipping dropped); then per-class NMS
+  over all levels, keeping the best max_detections.
+
+  detectron2 clips later: NMS sees the unclipped boxes, and its
+  `detector_postprocess` clips the kept ones and drops those left empty
+  (so fewer than max_detections may remain). `clip_after_nms` does that.
 
   Args:
     cls_logits: class logits [B, A, K], anchors in `boxes.anchors` order.
@@ -155,10 +165,12 @@ def postprocess(cls_logits: jax.Array, box_deltas: jax.Array,
     nms_threshold: per-class NMS IoU threshold.
     max_detections: static number of detection slots D.
     weights: Box2BoxTransform weights of the deltas.
+    clip_after_nms: clip after NMS rather than before (detectron2's order).
 
   Returns:
     {"boxes": [B, D, 4], "scores": [B, D], "classes": [B, D] int32,
-     "valid": [B, D] bool}, by descending score; invalid slots are zeros.
+     "valid": [B, D] bool}, by descending score, valid slots first; invalid
+    slots are zeros.
   """
   if sum(level_sizes) != anchors.shape[0]:
     raise ValueError(f"level_sizes {list(level_sizes)} sum to "
@@ -169,12 +181,19 @@ def postprocess(cls_logits: jax.Array, box_deltas: jax.Array,
   def one(logits, deltas, size):
     scores, boxes, classes = _level_candidates(
         logits, deltas, anchors, level_sizes, topk_per_level, weights)
-    boxes = _clip(boxes, size)
-    ok = ((scores > score_threshold) & (boxes[:, 2] > boxes[:, 0]) &
-          (boxes[:, 3] > boxes[:, 1]))
+    if not clip_after_nms:
+      boxes = _clip(boxes, size)
+    ok = (scores > score_threshold) & _nonempty(boxes)
     idx, valid = batched_nms(boxes, scores, classes, nms_threshold,
                              max_detections, ok)
-    return {"boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
+    kept = boxes[idx]
+    if clip_after_nms:
+      kept = _clip(kept, size)
+      valid &= _nonempty(kept)
+      # Dropped slots move behind the kept ones, which keep their order.
+      order = jnp.argsort(~valid, stable=True)
+      idx, valid, kept = idx[order], valid[order], kept[order]
+    return {"boxes": jnp.where(valid[:, None], kept, 0.0),
             "scores": jnp.where(valid, scores[idx], 0.0),
             "classes": jnp.where(valid, classes[idx], 0),
             "valid": valid}

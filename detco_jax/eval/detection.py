@@ -53,6 +53,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from detco_jax import checkpoint as checkpoint_lib
 from detco_jax import loop
 from detco_jax import pretrained
 from detco_jax import reporting
@@ -89,6 +90,45 @@ class DetectorState:
   params: Any
   batch_stats: Any
   opt_state: Any
+
+
+@flax.struct.dataclass
+class EmaDetectorState(DetectorState):
+  """A detector state with detectron2's moving foreground count.
+
+  Only runs with `loss.normalizer_momentum` > 0 use it: the default runs'
+  state, and so their checkpoints, keep `DetectorState`'s fields, and the
+  runs saved before the moving count existed resume as they were.
+
+  Attributes:
+    loss_normalizer: float32 scalar, the moving average of the global
+      batch's foreground anchors after `step` steps
+      (`losses.loss_normalizer`); saved with the state so that a resumed
+      run divides its losses as an uninterrupted one.
+  """
+  loss_normalizer: jax.Array
+
+
+def initial_loss_normalizer(config: ml_collections.ConfigDict
+                            ) -> float | None:
+  """The moving foreground count's start, or None when it is not kept.
+
+  Args:
+    config: the detection config (`loss.normalizer_momentum`,
+      `loss.normalizer_init`).
+
+  Returns:
+    `loss.normalizer_init` if `loss.normalizer_momentum` > 0, else None
+    (the losses are divided by each batch's own count).
+
+  Raises:
+    ValueError: for a momentum outside [0, 1).
+  """
+  c = config.loss
+  if not 0 <= c.normalizer_momentum < 1:
+    raise ValueError("Bad config: loss.normalizer_momentum must be in [0, 1) "
+                     f"(detectron2: 0.9), got {c.normalizer_momentum}.")
+  return float(c.normalizer_init) if c.normalizer_momentum > 0 else None
 
 
 def build_model(config: ml_collections.ConfigDict,
@@ -132,7 +172,8 @@ def make_anchors(config: ml_collections.ConfigDict,
         f"for {len(levels)} pyramid levels (model.levels + "
         "model.extra_levels); give one base size per level.")
   anchors = boxes_lib.anchors((size, size), levels, tuple(m.anchor_sizes),
-                              m.scales_per_octave, tuple(m.ratios))
+                              m.scales_per_octave, tuple(m.ratios),
+                              offset=m.anchor_offset)
   per_level = boxes_lib.anchors_per_level((size, size), levels,
                                           m.scales_per_octave, tuple(m.ratios))
   return anchors, per_level
@@ -183,6 +224,7 @@ def make_train_step(config: ml_collections.ConfigDict,
   """The jitted `step(state, batch) -> (state, metrics)` (state donated)."""
   anchors = jnp.asarray(anchors)
   c = config.loss
+  momentum = float(c.normalizer_momentum)
 
   def loss_fn(params, state, batch):
     x = features.preprocess(batch["image"], backbone.config.aug)
@@ -192,18 +234,27 @@ def make_train_step(config: ml_collections.ConfigDict,
     total, metrics = losses.retinanet_loss(
         cls, deltas, anchors, batch["boxes"], batch["labels"],
         batch["valid"], alpha=c.alpha, gamma=c.gamma, fg_iou=c.fg_iou,
-        bg_iou=c.bg_iou, box_loss=c.box_loss)
+        bg_iou=c.bg_iou, box_loss=c.box_loss,
+        smooth_l1_beta=c.smooth_l1_beta,
+        normalizer=state.loss_normalizer if momentum else None,
+        normalizer_momentum=momentum)
     return total, (metrics, updates.get("batch_stats", state.batch_stats))
 
   def step(state, batch):
+    if momentum and not isinstance(state, EmaDetectorState):
+      raise ValueError("loss.normalizer_momentum > 0 needs the state made by "
+                       "create_state(..., loss_normalizer=...).")
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
         state.params, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, lr=schedule(state.step),
                    grad_norm=optax.tree.norm(grads))
-    return state.replace(step=state.step + 1, params=params,
-                         batch_stats=batch_stats, opt_state=opt_state), metrics
+    state = state.replace(step=state.step + 1, params=params,
+                          batch_stats=batch_stats, opt_state=opt_state)
+    if momentum:
+      state = state.replace(loss_normalizer=metrics["loss_normalizer"])
+    return state, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep),
@@ -231,7 +282,8 @@ def make_predict(config: ml_collections.ConfigDict,
     return nms.postprocess(
         cls, deltas, anchors, tuple(per_level), image_size=sizes,
         score_threshold=e.score_threshold, topk_per_level=e.topk_per_level,
-        nms_threshold=e.nms_threshold, max_detections=e.max_detections)
+        nms_threshold=e.nms_threshold, max_detections=e.max_detections,
+        clip_after_nms=e.clip_after_nms)
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(predict, in_shardings=(rep, data, data), out_shardings=rep)
@@ -313,8 +365,8 @@ def build(config: ml_collections.ConfigDict, backbone: pretrained.Backbone,
 
 def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
                  tx: optax.GradientTransformation, anchors: np.ndarray,
-                 size: int, mesh: jax.sharding.Mesh,
-                 seed: int) -> DetectorState:
+                 size: int, mesh: jax.sharding.Mesh, seed: int,
+                 loss_normalizer: float | None = None) -> DetectorState:
   """A fresh detector on the backbone's variables, replicated on the mesh.
 
   Args:
@@ -325,17 +377,22 @@ def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
     size: the input side S.
     mesh: the device mesh.
     seed: initialisation seed of the FPN and head.
+    loss_normalizer: the moving foreground count's start
+      (`initial_loss_normalizer`); None for a state without one.
 
   Returns:
-    The state at step 0.
+    The state at step 0; an `EmaDetectorState` if `loss_normalizer` is set.
   """
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
     variables = retinanet.RetinaNet.with_backbone(variables,
                                                   backbone.variables)
-    return DetectorState(jnp.zeros((), jnp.int32), variables["params"],
-                         variables["batch_stats"],
-                         tx.init(variables["params"]))
+    fields = (jnp.zeros((), jnp.int32), variables["params"],
+              variables["batch_stats"], tx.init(variables["params"]))
+    if loss_normalizer is None:
+      return DetectorState(*fields)
+    return EmaDetectorState(*fields,
+                            jnp.asarray(loss_normalizer, jnp.float32))
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.key(seed))
   _check_anchor_count(model, state, anchors, size)
@@ -359,11 +416,15 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   names = detection_data.class_names(config)
   detector = build(config, backbone, len(names), mesh)
 
+  normalizer = initial_loss_normalizer(config)
+
   def init_state(resuming):
-    del resuming  # A fresh detector is cheap; restored over when resuming.
+    # A fresh detector is cheap; restored over when resuming.
+    if resuming:
+      _check_saved_normalizer(workdir, normalizer is not None, mesh)
     return create_state(detector.model, backbone, detector.tx,
                         detector.anchors, config.views.image_size, mesh,
-                        config.seed)
+                        config.seed, normalizer)
 
   def step(state, batch):
     batch = {k: batch[k] for k in ("image", "boxes", "labels", "valid")}
@@ -398,6 +459,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The results written to `detection_results.json` ({} if stopped).
   """
   return loop.run(job(config, workdir)).results
+
+
+def _check_saved_normalizer(workdir: str, expected: bool,
+                            mesh: jax.sharding.Mesh) -> None:
+  """Checks that the latest checkpoint has a moving count iff config does.
+
+  The two states differ by a field, so the restore would fail on the tree
+  mismatch; this says why, and which setting the run was saved with.
+
+  Args:
+    workdir: the run's directory, holding at least one checkpoint.
+    expected: whether the config keeps a moving count.
+    mesh: the device mesh (the scalar read is replicated on it).
+
+  Raises:
+    ValueError: when the checkpoint and the config disagree.
+  """
+  ckpt = checkpoint_lib.Checkpointer(workdir, asynchronous=False)
+  target = {"loss_normalizer": jax.ShapeDtypeStruct(
+      (), jnp.float32, sharding=sharding.replicated(mesh))}
+  try:
+    ckpt.restore_subtrees(target)
+    saved = True
+  except checkpoint_lib.MissingSubtreesError:
+    saved = False
+  finally:
+    ckpt.close()
+  if saved != expected:
+    was, now = ("> 0", "0") if saved else ("0", "> 0")
+    raise ValueError(
+        f"Bad config: the checkpoints in {workdir} were saved with "
+        f"loss.normalizer_momentum {was} (a moving foreground count "
+        f"{'in' if saved else 'not in'} the state), but it is {now} now. "
+        "Resume with the run's own setting, or start a new workdir.")
 
 
 def _check_anchor_count(model, state, anchors, size: int) -> None:
