@@ -12,6 +12,8 @@ import os
 from absl import flags
 from absl import logging
 
+from detco_jax import versions
+
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize: 'auto' on Cloud TPU VMs, in multi-task "
@@ -67,9 +69,13 @@ def cluster_detected(dev: str = "/dev") -> bool:
 
 
 def log_devices() -> None:
-  """Logs this process's place in the run and its devices."""
+  """Logs this process's place in the run, its devices and the versions.
+
+  The versions line lets a log read later say which build produced it.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d of %d; %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  logging.info("Versions: %s.", versions.line())

@@ -7,9 +7,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Folders and files that make up the repository (not the venv, not runs).
-TREES = (".ci", "configs", "detco_jax", "docs", "experiments", "launch",
-         "tests")
-ROOT_FILES = ("README.md", "pyproject.toml", ".gitignore")
+TREES = (".ci", "configs", "constraints", "detco_jax", "docs", "experiments",
+         "launch", "tests")
+ROOT_FILES = ("README.md", "pyproject.toml", ".gitignore", "CITATION.cff")
 TEXT = (".py", ".md", ".sh", ".sbatch", ".toml", ".txt", "")
 
 # What a reader of a clone cannot follow: a folder beside the repository,

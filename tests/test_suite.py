@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import detco as detco_config
+from detco_jax import versions
 from detco_jax.benchmark import budget as budget_lib
 from detco_jax.benchmark import curve
 from detco_jax.benchmark import devices
@@ -196,6 +197,15 @@ def test_gpu_flags_missing_reads_the_flag_names():
       suite.GPU_XLA_FLAGS[1:])
 
 
+def test_the_record_names_the_versions_it_ran_with():
+  header = suite._header("out", 10.0, True, ("device",), ["suite"])  # pylint: disable=protected-access
+  names = ["python"] + [shown for shown, _ in versions.PACKAGES]
+  assert list(header["versions"])[:len(names)] == names
+  assert header["versions"]["jaxlib"] == devices.versions()["jaxlib"]
+  assert header["versions_line"].startswith(
+      f"python {header['versions']['python']}, jax ")
+
+
 def test_smoke_runs_compile_at_the_lowest_llvm_level():
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   suite.smoke_environment(["suite", "--out=x"], environ)
@@ -277,6 +287,9 @@ def test_smoke_run_measures_every_figure(tmp_path, builtin_data_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   saved = json.loads((out / report_lib.JSON_FILE).read_text())
   assert saved["suite"]["finished"] and saved["suite"]["smoke"]
+  recorded = saved["suite"]["versions"]
+  assert recorded["detco_jax"] == versions.installed()["detco_jax"]
+  assert set(recorded) >= {"python", "jax", "flax", "tensorflow"}
   xla_flags = saved["suite"]["environment"]["XLA_FLAGS"]
   assert suite.SMOKE_XLA_FLAG in xla_flags
   parts = saved["parts"]

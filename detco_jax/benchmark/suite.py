@@ -73,6 +73,7 @@ import numpy as np
 from absl import flags
 from absl import logging
 
+from detco_jax import versions as versions_lib
 from detco_jax.benchmark import budget as budget_lib
 from detco_jax.benchmark import devices
 from detco_jax.benchmark import report as report_lib
@@ -767,7 +768,8 @@ def _header(out: str, budget_s: float, smoke: bool,
             parts: tuple[str, ...], argv: list[str]) -> dict[str, Any]:
   facts = devices.facts()
   env = environment()
-  versions = facts["versions"]
+  # The packages that decide a result, then the accelerator builds.
+  versions = {**versions_lib.installed(), **facts["versions"]}
   header = {
       "command": " ".join(shlex.quote(a) for a in ["python", "-m",
                                                    "detco_jax.benchmark.suite",
@@ -778,7 +780,8 @@ def _header(out: str, budget_s: float, smoke: bool,
       "device_line": f"{facts['devices']} x {facts['device_kind']} "
                      f"({facts['platform']}), {facts['processes']} "
                      f"process(es), host {facts['host']}",
-      "versions_line": ", ".join(f"{k} {v}" for k, v in versions.items())
+      "versions": versions,
+      "versions_line": versions_lib.line(versions)
                        + f"; platform {facts['platform_version']}",
       "header_notes": [], "finished": False, "elapsed_s": 0.0}
   if facts["platform"] == "gpu":
