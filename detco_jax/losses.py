@@ -77,18 +77,7 @@ def info_nce_stats(q: jax.Array, k_pos: jax.Array, queue: jax.Array,
 def info_nce_and_accuracy(
     q: jax.Array, k_pos: jax.Array, queue: jax.Array,
     temperature: float) -> tuple[jax.Array, jax.Array]:
-  """InfoNCE per example and whether the positive out-scores every negative.
-
-  Args:
-    q: queries [B, D].
-    k_pos: positive keys [B, D] (treated as constants by the caller).
-    queue: negatives [K, D].
-    temperature: softmax temperature t.
-
-  Returns:
-    (loss [B], correct [B] float32): the loss with the positive logit first,
-    and the instance-discrimination top-1 hit of each example.
-  """
+  """`info_nce_stats`'s loss [B] and top-1 hit [B] alone (same arguments)."""
   stats = info_nce_stats(q, k_pos, queue, temperature)
   return stats.loss, stats.correct
 

@@ -35,6 +35,7 @@ from detco_jax.interop import backbone_file
 from detco_jax.interop import names
 from detco_jax.interop import safe_pickle
 from detco_jax.interop import torch_format
+from tests.moco_convert import moco_convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,33 +52,6 @@ def assert_same_variables(got, want):
   for k, v in want.items():
     assert got[k].dtype == v.dtype, k
     np.testing.assert_array_equal(got[k], v, err_msg=k)
-
-
-def moco_converted(state_dict):
-  """A MoCo training checkpoint's state dict renamed for detectron2, by the
-  rules of MoCo's convert-pretrain-to-detectron2.py (written out here, not
-  taken from `names`): the query encoder's keys without their prefix, a
-  `stem.` prefix on those outside the layers, layerN -> res(N+1),
-  bnK -> convK.norm, downsample.0/1 -> shortcut / shortcut.norm."""
-  model = {}
-  for key, value in state_dict.items():
-    if not key.startswith("module.encoder_q."):
-      continue
-    key = key[len("module.encoder_q."):]
-    if "layer" not in key:
-      key = "stem." + key
-    for t in (1, 2, 3, 4):
-      key = key.replace(f"layer{t}", f"res{t + 1}")
-    for t in (1, 2, 3):
-      key = key.replace(f"bn{t}", f"conv{t}.norm")
-    key = key.replace("downsample.0", "shortcut")
-    key = key.replace("downsample.1", "shortcut.norm")
-    model[key] = np.asarray(value)
-  return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
-
-
-# ----------------------------------------------------------------------------
-# The reader.
 
 
 def test_reads_torch_zip_and_legacy_files_exactly(tmp_path):
@@ -316,7 +290,7 @@ def test_torchvision_names_invert_detectron2s():
     backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc")}
     for name in backbone:
       assert names.torchvision_name(names.detectron2_name(name)) == name
-    converted = moco_converted({"module.encoder_q." + k: v.numpy()
+    converted = moco_convert({"module.encoder_q." + k: v.numpy()
                                 for k, v in state_dict.items()})["model"]
     # MoCo's converter gives every backbone tensor detectron2's name, and
     # its head `stem.fc.*`; going back gives torchvision's names.
@@ -413,7 +387,7 @@ def test_a_file_imported_then_exported_is_the_file_bit_for_bit(
     torch.save(moco, path)
     if layout == "detectron2":
       path = tmp_path / "in.pkl"
-      path.write_bytes(pickle.dumps(moco_converted(moco["state_dict"])))
+      path.write_bytes(pickle.dumps(moco_convert(moco["state_dict"])))
   backbone = pretrained.load_file(str(path))
   assert (backbone.module.depth, backbone.module.width,
           backbone.module.stem) == (18, 16, "imagenet")
