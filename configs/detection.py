@@ -11,8 +11,10 @@ The detector, its losses and its schedule are detectron2's RetinaNet R50-FPN
 1x (Base-RetinaNet.yaml): P3..P7, anchors 32..512 with 3 scales per octave
 and ratios 0.5/1/2, IoU thresholds 0.4/0.5, focal alpha 0.25 gamma 2, an L1
 box loss, SGD lr 0.01 at batch 16 with momentum 0.9 and weight decay 1e-4,
-1,000 warm-up steps and 90k iterations with x0.1 at 60k and 80k (scaled to
-the batch: the schedule is counted in images). Backbone BN is synchronised
+1,000 warm-up steps from lr x 0.001 and 90k iterations with x0.1 at 60k and
+80k (scaled to the batch: the schedule is counted in images, so at batch 64
+it is 22,500 steps with drops at 15k and 20k, 250 warm-up steps and lr
+0.04). Backbone BN is synchronised
 over the global batch, as the paper's transfer configs use, and every stage
 trains. Two things differ from detectron2, so AP from this config is not
 directly comparable with detectron2's (or the paper's) RetinaNet figures:
@@ -40,16 +42,61 @@ Variants (`--config=configs/detection.py:VARIANT`):
   demo       the built-in `detco_shapes` at the demo pretraining's 64 px.
   tiny       a few-step smoke configuration for tests (32 px).
 
+  The schedules of DetCo's RetinaNet figures (`SCHEDULES`), in detectron2
+  iterations at batch 16, each with 1,000 warm-up iterations from x0.001;
+  they apply after the variants above and set `schedule_steps`,
+  `schedule_warmup_steps` and `lr_decay_at` (the drops as fractions):
+
+  12k        12,000 iterations, x0.1 at 9,000 and 11,000.
+  1x         90,000 iterations, x0.1 at 60,000 and 80,000 (the default).
+  2x         180,000 iterations, x0.1 at 120,000 and 160,000.
+
 Arguments (`name=value`, in any order with the variants; configs/common.py):
 
   seed=N     the data order and views (and the job's initialisation).
-  steps=N    train N steps (`total_steps`); the x0.1 drops stay at the same
-             fractions of the run, e.g. `:demo,steps=100`.
+  train_fraction=F
+             train on round(F x N) of the N training images (0 < F <= 1),
+             drawn by image id from `data.subset_seed` (default 0) and
+             written to the workdir as train_subset.json, e.g.
+             `:12k,train_fraction=0.01` or `:demo,train_fraction=0.1`. The
+             schedule is the one chosen, as for the whole set.
+  steps=N    train N steps (`total_steps`) at any batch; the x0.1 drops
+             stay at the same fractions of the run and the warm-up keeps
+             its length, e.g. `:demo,steps=100` or `:12k,steps=3000`.
 """
 
 import ml_collections
 
 from configs import common
+
+# DetCo's RetinaNet schedules, in detectron2 iterations at batch 16: name ->
+# (iterations, the x0.1 drops as fractions of the run).
+SCHEDULES = {
+    "12k": (12_000, (9_000 / 12_000, 11_000 / 12_000)),
+    "1x": (90_000, (60_000 / 90_000, 80_000 / 90_000)),
+    "2x": (180_000, (120_000 / 180_000, 160_000 / 180_000)),
+}
+# detectron2's WARMUP_ITERS at batch 16, for every schedule.
+SCHEDULE_WARMUP_STEPS = 1000
+
+
+def _set_schedule(c: ml_collections.ConfigDict, name: str) -> None:
+  """Sets the learning-rate schedule `SCHEDULES[name]`, counted in images.
+
+  Args:
+    c: the config, changed in place.
+    name: a key of `SCHEDULES`.
+  """
+  steps, drops = SCHEDULES[name]
+  # Steps at batch `lr_base_batch`: the job runs schedule_steps *
+  # lr_base_batch / batch_size steps, the same number of images.
+  c.schedule_steps = steps
+  c.schedule_warmup_steps = SCHEDULE_WARMUP_STEPS
+  c.lr_decay_at = drops             # Fractions of the run's steps.
+  # Steps at `batch_size` that replace the scaled counts when set (total
+  # > 0, as `steps=N` does; warm-up >= 0); the drops stay at the fractions.
+  c.total_steps = -1
+  c.warmup_steps = -1
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
       box_features=common.placeholder(str),
       # Boxes per image after padding (COCO has at most 93).
       max_boxes=100,
+      # Train on this fraction of the training images (`train_fraction=F`):
+      # round(F * N) of them, drawn by image id from `subset_seed` alone and
+      # written to the workdir (detco_jax/data/detection.py `train_subset`).
+      train_fraction=1.0,
+      subset_seed=0,
   )
   c.views = ml_collections.ConfigDict(dict(
       image_size=1024,
@@ -114,15 +166,16 @@ def base_config() -> ml_collections.ConfigDict:
       picture_score=0.3,     # Detections drawn from this score on.
   ))
 
-  # ---- Optimisation: detectron2's 1x, 90k steps at batch 16.
+  # ---- Optimisation: detectron2's 1x (SCHEDULES["1x"]). The schedule is
+  # counted in images: its steps are at batch `lr_base_batch` and scale to
+  # `batch_size` when the job starts (detco_jax/eval/detection.py
+  # `total_steps`), so the drops stay at the same fractions of the run.
   c.lr = 0.01                  # At batch `lr_base_batch`, scaled linearly.
   c.lr_base_batch = 16
   c.momentum = 0.9
   c.weight_decay = 1e-4
-  c.warmup_steps = 1000
-  c.warmup_factor = 0.001
-  c.total_steps = 90_000 * 16 // c.batch_size
-  c.lr_decay_at = (2 / 3, 8 / 9)  # Fractions of total_steps: 60k and 80k.
+  c.warmup_factor = 0.001      # The warm-up starts at lr * warmup_factor.
+  _set_schedule(c, "1x")
   c.lr_decay_factor = 0.1
 
   c.log_every = 50
@@ -184,10 +237,37 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.picture_images = 2
 
 
-VARIANTS = {"voc": _voc, "demo": _demo, "tiny": _tiny}
+def _schedule_variant(name: str) -> common.Variant:
+  """The variant that sets the schedule `SCHEDULES[name]`."""
+  return lambda c: _set_schedule(c, name)
+
+
+# The schedules apply after the scale variants: `demo,12k` is the demo's
+# data and model on the 12k schedule.
+VARIANTS = {"voc": _voc, "demo": _demo, "tiny": _tiny,
+            **{name: _schedule_variant(name) for name in SCHEDULES}}
+
+
+def _set_train_fraction(c: ml_collections.ConfigDict, fraction: float
+                        ) -> None:
+  """Sets `data.train_fraction`, which must be in (0, 1].
+
+  Args:
+    c: the config, changed in place.
+    fraction: F, the fraction of the training images to train on.
+
+  Raises:
+    ValueError: F outside (0, 1].
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"Config argument 'train_fraction' must be in (0, 1], "
+                     f"got {fraction}.")
+  c.data.train_fraction = fraction
 
 
 ARGUMENTS = {"seed": common.Argument("seed"),
-             "steps": common.Argument("total_steps")}
+             "steps": common.Argument("total_steps"),
+             "train_fraction": common.Argument(_set_train_fraction,
+                                               default=1.0)}
 
 get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

@@ -22,6 +22,10 @@ pycocotools, and writes those with the step and the backbone's source to
 `DIR/detection_results.json`, TensorBoard and the log, with a picture of a
 few test images (predictions beside the ground truth) as
 `DIR/detections.png`.
+
+With `train_fraction=F` < 1 (configs/detection.py) the detector trains on a
+subset of the training images drawn by image id, which the job writes to
+`DIR/train_subset.json` and checks when it resumes.
 """
 
 from detco_jax import cli  # First: it quiets TensorFlow's import.
@@ -40,6 +44,7 @@ if __name__ == "__main__":
 import dataclasses
 import functools
 import io
+import json
 from typing import Any, Sequence
 
 import flax
@@ -70,6 +75,8 @@ from detco_jax.eval import probe
 from detco_jax.models import retinanet
 
 RESULTS_FILE = "detection_results.json"
+# The training subset of `data.train_fraction` < 1 (`check_subset_file`).
+SUBSET_FILE = "train_subset.json"
 PICTURE_FILE = "detections.png"
 # The stem's stride: res_l has stride 2**l after the ImageNet stem (7x7/2 and
 # a max pool), 2**(l - 2) after the small-image stem (3x3/1, no pool).
@@ -179,6 +186,50 @@ def make_anchors(config: ml_collections.ConfigDict,
   return anchors, per_level
 
 
+def _images_to_steps(base_steps: int, config: ml_collections.ConfigDict
+                     ) -> int:
+  """`base_steps` at batch `lr_base_batch` as steps of `batch_size`.
+
+  Args:
+    base_steps: a step count at batch `config.lr_base_batch`.
+    config: the detection config.
+
+  Returns:
+    The step count that sees the same images at `config.batch_size`.
+  """
+  return int(round(base_steps * config.lr_base_batch / config.batch_size))
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """The run's length in steps at `config.batch_size`.
+
+  Args:
+    config: the detection config.
+
+  Returns:
+    `total_steps` if set (> 0, `steps=N`), else `schedule_steps` scaled
+    from batch `lr_base_batch` to `batch_size` (the schedule counts images).
+  """
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return _images_to_steps(config.schedule_steps, config)
+
+
+def warmup_steps(config: ml_collections.ConfigDict) -> int:
+  """The warm-up's length in steps at `config.batch_size`.
+
+  Args:
+    config: the detection config.
+
+  Returns:
+    `warmup_steps` if set (>= 0), else `schedule_warmup_steps` scaled from
+    batch `lr_base_batch` to `batch_size`, like `total_steps`.
+  """
+  if config.warmup_steps >= 0:
+    return int(config.warmup_steps)
+  return _images_to_steps(config.schedule_warmup_steps, config)
+
+
 def build_optimizer(config: ml_collections.ConfigDict
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD with momentum, linear warm-up, x`lr_decay_factor` steps.
@@ -195,11 +246,11 @@ def build_optimizer(config: ml_collections.ConfigDict
     (tx, schedule).
   """
   peak = config.lr * config.batch_size / config.lr_base_batch
-  total = config.total_steps
+  total = total_steps(config)
   boundaries = {int(round(f * total)): config.lr_decay_factor
                 for f in config.lr_decay_at}
   decay = optax.piecewise_constant_schedule(peak, boundaries)
-  warmup = max(int(config.warmup_steps), 1)
+  warmup = max(warmup_steps(config), 1)
   ramp = optax.linear_schedule(peak * config.warmup_factor, peak, warmup)
   schedule = lambda step: jnp.where(step < warmup, ramp(step), decay(step))
   tx = optax.chain(
@@ -417,9 +468,12 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   detector = build(config, backbone, len(names), mesh)
 
   normalizer = initial_loss_normalizer(config)
+  # Drawn once: every (re)start of the stream below trains on these images.
+  subset = detection_data.train_subset(config)
 
   def init_state(resuming):
     # A fresh detector is cheap; restored over when resuming.
+    check_subset_file(workdir, subset, resuming)
     if resuming:
       _check_saved_normalizer(workdir, normalizer is not None, mesh)
     return create_state(detector.model, backbone, detector.tx,
@@ -440,8 +494,8 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   return loop.Job(
       name="detection", workdir=workdir, init_state=init_state,
       data=lambda start: detection_data.make_train_iterator(
-          config, start_step=start),
-      step=step, total_steps=config.total_steps,
+          config, start_step=start, subset=subset),
+      step=step, total_steps=total_steps(config),
       batch_size=config.batch_size, log_every=config.log_every,
       checkpoint_every=config.checkpoint_every,
       keep_checkpoints=config.keep_checkpoints,
@@ -459,6 +513,51 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The results written to `detection_results.json` ({} if stopped).
   """
   return loop.run(job(config, workdir)).results
+
+
+def _describe_subset(record: dict[str, Any] | None) -> str:
+  """A subset record (`TrainSubset.to_json`) in a few words."""
+  if record is None:
+    return "the whole training split"
+  return (f"train_fraction {record['fraction']}, subset_seed "
+          f"{record['seed']} ({record['count']} of {record['total']} images "
+          f"of {record['parts']})")
+
+
+def check_subset_file(workdir: str,
+                      subset: detection_data.TrainSubset | None,
+                      resuming: bool) -> None:
+  """Writes the run's training subset, or checks it against the saved one.
+
+  A fresh run with a subset writes `SUBSET_FILE` (parts, fraction, seed,
+  count, total and the sorted ids) on process 0. A resumed run must train on
+  the images it started with: the file's subset, or the whole split when
+  there is no file.
+
+  Args:
+    workdir: the run's directory.
+    subset: the config's subset (`detection_data.train_subset`); None for
+      the whole split.
+    resuming: the run continues from a checkpoint in `workdir`.
+
+  Raises:
+    ValueError: on resume, when the config's subset is not the saved one.
+  """
+  path = epath.Path(workdir) / SUBSET_FILE
+  record = None if subset is None else subset.to_json()
+  if not resuming:
+    if record is not None:
+      reporting.write_json(workdir, SUBSET_FILE, record)
+    elif path.exists() and jax.process_index() == 0:
+      path.unlink()  # A stopped earlier run's: not this run's data.
+    return
+  saved = json.loads(path.read_text()) if path.exists() else None
+  if saved != record:
+    raise ValueError(
+        f"Bad config: the checkpoints in {workdir} trained on "
+        f"{_describe_subset(saved)}, but this config draws "
+        f"{_describe_subset(record)}; resume with the run's own "
+        "data.train_fraction and data.subset_seed, or start a new workdir.")
 
 
 def _check_saved_normalizer(workdir: str, expected: bool,
@@ -527,7 +626,10 @@ def _evaluate(config, workdir, backbone, names, predict, state, mesh,
   logging.info("Detection at step %d on %s: %s", step, split, ", ".join(
       f"{k} {v:.4f}" for k, v in ap.items()))
   _write_picture(config, workdir, out, names, writer, step)
+  # The training subset too: 1% and 100% runs are different experiments.
   results = dict(probe.results_header(config, backbone), steps=step,
+                 train_fraction=float(config.data.get("train_fraction", 1.0)),
+                 subset_seed=int(config.data.get("subset_seed", 0)),
                  eval_images=int(real.sum()), **ap)
   reporting.write_json(workdir, RESULTS_FILE, results)
   return results
