@@ -201,7 +201,12 @@ class Checkpointer:
     return step
 
   def reached_preemption(self, step: int) -> bool:
-    """Whether all processes agree a preemption notice arrived (TPU pods)."""
+    """Whether all processes stop at `step` for a preemption notice.
+
+    JAX's preemption sync manager answers (multi-process runs with the
+    coordination service; SIGTERM on any process is a notice); it must be
+    asked at every step. False without it.
+    """
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:

@@ -78,7 +78,8 @@ class Job:
       scalar "loss" (the NaN guard's) and any other scalars to log.
     total_steps: the step to train to.
     batch_size: global examples per step, for images/s.
-    log_every: steps per log window (also where processes agree to stop).
+    log_every: steps per log window (also where processes agree to stop
+      when JAX's preemption sync manager is off; `detco_jax.preemption`).
     checkpoint_every: steps between checkpoints (and the last step).
     keep_checkpoints: how many checkpoints to keep.
     steps_per_epoch: when set, "epoch" is logged.
