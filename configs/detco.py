@@ -46,6 +46,11 @@ Arguments, typed `name=value` items in the same list (configs/common.py):
                 `--config=configs/detco.py:demo,epochs=3` is the demo for
                 3 epochs.
   seed=N        the run's seed (`seed`), e.g. `ablation,mocov2,seed=1`.
+  batch=N       the large-batch recipe at a global batch of N: SGD at
+                0.03 x N/256 (the linear scaling rule, as before), a
+                5-epoch warm-up when N > 256, shuffle-BN groups of 32
+                images (`bn_group_size`), e.g. `batch=1024` for a v4-32
+                (launch/README.md).
   knn_epochs=N  run the kNN monitor every N epochs (`knn.every_steps`; 0:
                 off), e.g. `demo,epochs=24,knn_epochs=1` logs `knn/top1`
                 after every epoch (experiments/learning_curve.py draws it).
@@ -141,6 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_cosine = False        # Cosine-schedule the momentum towards 1 (BYOL).
   c.bn = "shuffle"            # "shuffle" (MoCo) or "sync" (global batch).
   c.bn_groups = 8             # BN sub-batches; independent of device count.
+  # Images per BN sub-batch instead: > 0 sets bn_groups = batch_size //
+  # bn_group_size (the batch must be a multiple), so the groups keep their
+  # size when the batch grows (32: MoCo's per-GPU batch; `batch=N` sets
+  # it). 0: `bn_groups` as set.
+  c.bn_group_size = 0
   # What BN's running averages (and the key encoder's EMA of them) are made
   # of: "views" (the global views alone; patches are normalised with their
   # own batch statistics) or "views_and_patches" (both, as PyTorch ports
@@ -336,7 +346,38 @@ def _knn_epochs(c: ml_collections.ConfigDict, epochs: int) -> None:
   c.knn.every_steps = epochs * max(c.num_train_examples // c.batch_size, 1)
 
 
+# The large-batch recipe's (`batch=N`) settings.
+LARGE_BATCH_WARMUP_EPOCHS = 5.0
+LARGE_BATCH_BN_GROUP_SIZE = 32
+
+
+def _batch(c: ml_collections.ConfigDict, batch: int) -> None:
+  """`batch=N`: a global batch of N images, with the settings it needs.
+
+  The learning rate follows the batch by itself (`base_lr` at
+  `lr_base_batch`, scaled linearly: MoCo's rule for SGD, 0.03 x N/256).
+  Above `lr_base_batch`, a linear warm-up of 5 epochs, as large-batch SGD
+  uses (Goyal et al. 2017). Shuffle-BN groups of 32 images at any N
+  (`bn_group_size`), MoCo's per-GPU batch, instead of a fixed 8 groups
+  that grow with the batch.
+
+  Args:
+    c: the config, changed in place.
+    batch: the global batch.
+  """
+  before = max(c.num_train_examples // c.batch_size, 1)
+  c.batch_size = batch
+  after = max(c.num_train_examples // batch, 1)
+  if c.knn.every_steps > 0:  # A variant set it in epochs (`_knn_epochs`).
+    c.knn.every_steps = max(1, round(c.knn.every_steps * after / before))
+  c.bn_group_size = LARGE_BATCH_BN_GROUP_SIZE
+  if batch > c.lr_base_batch:
+    c.warmup_epochs = LARGE_BATCH_WARMUP_EPOCHS
+
+
+# `batch` before `knn_epochs`: the kNN period in steps follows the batch.
 ARGUMENTS = common.run_arguments(
+    batch=common.Argument(_batch, 256),
     knn_epochs=common.Argument(_knn_epochs, 0))
 
 get_config = common.make_get_config(base_config, VARIANTS, ARGUMENTS)

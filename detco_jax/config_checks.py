@@ -45,8 +45,21 @@ def raise_first(checks: list[tuple[bool, str]]) -> None:
 
 
 def bn_groups(config: Config) -> int:
-  """BN sub-batches: `bn_groups` for shuffle BN, 1 for sync BN."""
-  return 1 if config.bn == "sync" else config.bn_groups
+  """BN sub-batches of the global batch.
+
+  Args:
+    config: the experiment config.
+
+  Returns:
+    1 for sync BN; for shuffle BN, `batch_size // bn_group_size` when
+    `bn_group_size` is set (> 0), else `bn_groups`.
+  """
+  if config.bn == "sync":
+    return 1
+  # Configs recorded before `bn_group_size` existed (a run's config.json)
+  # lack the key: they meant `bn_groups`.
+  size = config.get("bn_group_size") or 0
+  return config.batch_size // size if size > 0 else config.bn_groups
 
 
 def check_backbone(config: Config) -> None:
@@ -58,9 +71,20 @@ def check_backbone(config: Config) -> None:
   Raises:
     ValueError: on the first bad value (batch, BN groups, stem, dtype).
   """
-  b, groups = config.batch_size, bn_groups(config)
+  b, size = config.batch_size, config.get("bn_group_size") or 0
   raise_first([
       (b > 0, f"batch_size={b} must be positive."),
+      (size >= 0, f"bn_group_size={size} must be positive, or 0 to use "
+       "bn_groups."),
+  ])
+  if size > 0 and config.bn != "sync":
+    raise_first([
+        (b % size == 0,
+         f"batch_size={b} must be a multiple of bn_group_size={size}; e.g. "
+         f"--config.batch_size={max(1, round(b / size)) * size}."),
+    ])
+  groups = bn_groups(config)
+  raise_first([
       (groups > 0, f"bn_groups={groups} must be positive."),
       (groups > 0 and b % groups == 0,
        f"batch_size={b} must be a multiple of bn_groups={config.bn_groups}; "

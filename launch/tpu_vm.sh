@@ -66,7 +66,7 @@ Example (a v4-32 slice: 16 chips, 4 workers):
   export TPU_NAME=detco-v4-32 ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 BUCKET=my-bucket
   launch/tpu_vm.sh create
   launch/tpu_vm.sh setup
-  launch/tpu_vm.sh run --config=configs/detco.py --config.batch_size=1024 --config.optimizer=lars
+  launch/tpu_vm.sh run --config=configs/detco.py:batch=1024
   launch/tpu_vm.sh logs
   launch/tpu_vm.sh stop      # checkpoint and exit; `run` again resumes
   launch/tpu_vm.sh delete

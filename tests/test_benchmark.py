@@ -206,6 +206,19 @@ def test_fit_config_sets_batch_queue_and_bn_groups():
   assert len(changes) == 3
 
 
+def test_fit_config_fits_bn_group_size_when_set():
+  """With `bn_group_size` (`batch=N`), the group size is what must fit."""
+  config = tiny_config()
+  config.queue_size, config.bn_group_size = 96, 32
+  assert benchmark.fit_config(config, per_device_batch=16,
+                              num_devices=2) == ["batch_size 16 -> 32"]
+  assert config_lib.bn_groups(config) == 1
+  benchmark.fit_config(config, per_device_batch=12, num_devices=2)
+  assert (config.bn_group_size, config_lib.bn_groups(config)) == (24, 1)
+  benchmark.fit_config(config, per_device_batch=20, num_devices=2)
+  assert (config.bn_group_size, config_lib.bn_groups(config)) == (20, 2)
+
+
 class _FakeCompiled:
   """Stands in for `jax.stages.Compiled` with given analysis results."""
 

@@ -54,9 +54,10 @@ ratios are ratios of medians (`overhead_ratio_paired`: median of the
 per-round ratios).
 
 The global batch is `per_device_batch` x devices; `queue_size` and
-`bn_groups` are changed where the batch needs it, and the changes are
-printed. On CPU with fake devices (`--xla_force_host_platform_device_count`)
-all devices share the host's cores, so per-device speeds are shares of it.
+`bn_groups` (or `bn_group_size`) are changed where the batch needs it, and
+the changes are printed. On CPU with fake devices
+(`--xla_force_host_platform_device_count`) all devices share the host's
+cores, so per-device speeds are shares of it.
 
 `--compile_only --topology=v3:2x2` (a v3-8; `v4:2x2x1 --chip_config=megacore`
 for a v4-8) compiles the step for a TPU that is not there, with the libtpu
@@ -115,7 +116,7 @@ _MAX_FLOPS_RATIO = 1.3
 
 def fit_config(config: ml_collections.ConfigDict, per_device_batch: int,
                num_devices: int) -> list[str]:
-  """Sets the global batch; makes `queue_size` and `bn_groups` fit it.
+  """Sets the global batch; makes `queue_size` and the BN groups fit it.
 
   Args:
     config: the experiment config, changed in place.
@@ -136,7 +137,12 @@ def fit_config(config: ml_collections.ConfigDict, per_device_batch: int,
   change("batch_size", batch)
   if config.queue_size % batch:
     change("queue_size", max(1, round(config.queue_size / batch)) * batch)
-  if config.bn == "shuffle" and batch % config.bn_groups:
+  size = config.get("bn_group_size") or 0
+  if config.bn == "shuffle" and size > 0:  # Groups of a size (`batch=N`).
+    if batch % size:
+      change("bn_group_size", max(g for g in range(1, size + 1)
+                                  if batch % g == 0))
+  elif config.bn == "shuffle" and batch % config.bn_groups:
     change("bn_groups", max(g for g in range(1, config.bn_groups + 1)
                             if batch % g == 0))
   return changes
