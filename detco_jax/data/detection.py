@@ -723,13 +723,7 @@ def subset_source(config_data: Any, subset: TrainSubset, *,
   n = len(share)
 
   def records(seed: Optional[tf.Tensor]) -> tf.data.Dataset:
-    if seed is None:
-      order = tf.data.Dataset.range(n)
-    else:
-      order = tf.data.Dataset.from_tensor_slices(
-          tf.random.experimental.stateless_shuffle(
-              tf.range(n, dtype=tf.int64), seed))
-    return order.map(lambda i: {"part": tf.gather(part, i),
+    return sources.index_order(n, seed).map(lambda i: {"part": tf.gather(part, i),
                                 "record": tf.gather(serialized, i)})
 
   return sources.Source(

@@ -128,6 +128,23 @@ class Source:
           f"{self.num_examples} records) decodes as an image.")
 
 
+def index_order(n: int, seed: Optional[tf.Tensor]) -> tf.data.Dataset:
+  """The indices 0..n-1 as a dataset: in order, or a seeded permutation.
+
+  Args:
+    n: how many.
+    seed: a stateless shuffle seed (shape [2]), or None for 0, 1, ..., n-1.
+
+  Returns:
+    int64 scalars.
+  """
+  if seed is None:
+    return tf.data.Dataset.range(n)
+  return tf.data.Dataset.from_tensor_slices(
+      tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                               seed))
+
+
 def hide_accelerators_from_tf() -> None:
   """Keeps TensorFlow off GPUs and TPUs: JAX owns the accelerators."""
   _hide_accelerators_once()
@@ -468,13 +485,7 @@ def _tfrecord_reader(
     return tf.data.TFRecordDataset(files[i]).skip(skips[i]).take(takes[i])
 
   def records(seed: Optional[tf.Tensor]) -> tf.data.Dataset:
-    if seed is None:
-      order = tf.data.Dataset.range(num_files)
-    else:
-      order = tf.data.Dataset.from_tensor_slices(
-          tf.random.experimental.stateless_shuffle(
-              tf.range(num_files, dtype=tf.int64), seed))
-    ds = order.interleave(
+    ds = index_order(num_files, seed).interleave(
         read, cycle_length=min(num_files, _INTERLEAVE_FILES), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if seed is None:
