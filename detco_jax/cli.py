@@ -339,8 +339,7 @@ def describe_outputs(directory: str) -> str | None:
   entries = sorted(path.iterdir(), key=lambda p: p.name)
   parts = []
   checkpoints = path / config_checks.CHECKPOINTS_DIR
-  steps = sorted(int(p.name) for p in checkpoints.iterdir()
-                 if p.name.isdigit()) if checkpoints.is_dir() else []
+  steps = config_checks.checkpoint_steps(directory)
   if steps:
     parts.append(f"checkpoints to {checkpoints} "
                  f"(steps {', '.join(map(str, steps))})")

@@ -226,11 +226,25 @@ def check_source(path: str, step: int | None = None,
     _check_steps(path, step)
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints in a job's workdir, read without orbax.
+
+  Args:
+    workdir: a job's directory (local or gs://).
+
+  Returns:
+    The steps in increasing order; [] without a checkpoints folder.
+  """
+  folder = epath.Path(workdir) / CHECKPOINTS_DIR
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 def _check_steps(workdir: str, step: int | None) -> None:
   """A pretraining workdir holds a checkpoint (`step`'s if given)."""
   folder = epath.Path(workdir) / CHECKPOINTS_DIR
-  steps = (sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-           if folder.is_dir() else [])
+  steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(
         f"{workdir} holds no checkpoint yet (nothing in {folder}): wait for "

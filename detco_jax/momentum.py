@@ -12,7 +12,6 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from detco_jax import config_checks
 from detco_jax.models import heads
 
 Queues = dict[str, Any]  # {"global": {stage: [K, D]}, "local": {...}, "ptr"}
@@ -55,10 +54,6 @@ def momentum_at(step: jax.Array | int, total_steps: int, base: float,
   return 1.0 - (1.0 - base) * (jnp.cos(math.pi * frac) + 1.0) / 2.0
 
 
-# Defined without JAX so that the command line checks it before JAX loads.
-check_queue_size = config_checks.check_queue_size
-
-
 def init_queues(rng: jax.Array, stages: Sequence[str], kinds: Sequence[str],
                 size: int, dim: int) -> Queues:
   """Random unit-vector queues for each (kind, stage), pointer at 0.
@@ -92,7 +87,7 @@ def enqueue(queues: Queues, keys: Mapping[str, Mapping[str, jax.Array]]
   Args:
     queues: as made by `init_queues`.
     keys: `{"global": {stage: [B, D]}, "local": {...}}`; every queue present
-      in `queues` must have its keys here. B divides K (`check_queue_size`).
+      in `queues` must have its keys here. B divides K (`config_checks.check_queue_size`).
 
   Returns:
     The new queues; the entries [ptr, ptr + B) hold the keys in batch order.

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from detco_jax import config_checks
 from detco_jax import momentum
 
 
@@ -70,6 +71,6 @@ def test_enqueue_order_and_wrap_around():
 
 
 def test_queue_size_must_be_multiple_of_batch():
-  momentum.check_queue_size(65536, 256)
+  config_checks.check_queue_size(65536, 256)
   with pytest.raises(ValueError, match="multiple of the global batch_size=96"):
-    momentum.check_queue_size(1000, 96)
+    config_checks.check_queue_size(1000, 96)

@@ -723,8 +723,9 @@ def subset_source(config_data: Any, subset: TrainSubset, *,
   n = len(share)
 
   def records(seed: Optional[tf.Tensor]) -> tf.data.Dataset:
-    return sources.index_order(n, seed).map(lambda i: {"part": tf.gather(part, i),
-                                "record": tf.gather(serialized, i)})
+    return sources.index_order(n, seed).map(
+        lambda i: {"part": tf.gather(part, i),
+                   "record": tf.gather(serialized, i)})
 
   return sources.Source(
       name=whole.name, split=whole.split, num_examples=n,
