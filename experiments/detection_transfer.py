@@ -2,15 +2,17 @@ r"""Detection transfer of pretrained backbones: COCO AP over seeds and schedules
 
   python experiments/detection_transfer.py \
       --backbone=DetCo=workdirs/demo --backbone="MoCo v2=workdirs/demo_mocov2" \
-      [--workdir=workdirs/detection_transfer] [--seeds=0,1] [--steps=100,500]
+      [--workdir=workdirs/detection_transfer] [--seeds=0,1] [--steps=100,500] \
+      [--spread=std|half_range]
 
 Fine-tunes the demo's RetinaNet (`configs/detection.py:demo`) from every
 `--backbone=LABEL=PRETRAIN_WORKDIR`, and from the first one's architecture
 untrained (`random_init`, the floor), for each schedule in `--steps` (the
 paper's "few iterations" regime and a longer one) and each seed. It prints a
-Markdown table of AP, AP50 and AP75 (mean ± half-range over the seeds, in
-%), each seed's AP and the minutes a run took, then for each schedule how
-far apart the backbones are against their seed ranges. It writes the table
+Markdown table of AP, AP50 and AP75 (mean ± the sample standard deviation
+over the seeds, or ± half their range with `--spread=half_range`, in %),
+each seed's AP and the minutes a run took, then for each schedule how far
+apart the backbones are against their spreads. It writes the table
 to `<workdir>/detection_transfer.md` and every run's figures and wall time
 to `detection_transfer.json`. A run whose `detection_results.json` is
 complete is reused, so an interrupted script resumes where it stopped; its
@@ -127,7 +129,10 @@ def run_all(workdir: str, backbones: list[tuple[str, str]], seeds: list[int],
           "schedules": schedules}
 
 
-def table(results: dict[str, Any]) -> str:
+SPREAD_NAMES = {"std": "std", "half_range": "half-ranges"}
+
+
+def table(results: dict[str, Any], spread: str = "std") -> str:
   """The Markdown table: one row per backbone and schedule."""
   lines = ["| backbone | steps | " + " | ".join(METRICS)
            + " | AP per seed | min per run |",
@@ -135,7 +140,8 @@ def table(results: dict[str, Any]) -> str:
   for steps in map(str, results["schedules"]):
     for label, by_steps in results["runs"].items():
       figures = by_steps[steps]
-      cells = [tables.cell([f[m] for f in figures]) for m in METRICS]
+      cells = [tables.cell([f[m] for f in figures], spread)
+               for m in METRICS]
       per_seed = " / ".join(f"{100 * f['AP']:.1f}" for f in figures)
       known = [t for t in results["seconds"][label][steps] if t is not None]
       minutes = f"{np.median(known) / 60:.1f}" if known else "-"
@@ -144,22 +150,22 @@ def table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def ordering(results: dict[str, Any]) -> str:
+def ordering(results: dict[str, Any], spread: str = "std") -> str:
   """Per schedule, each backbone against the next: the AP gap, and whether
-  the two seed ranges are disjoint (the gap exceeds both half-ranges
-  together)."""
+  it exceeds the two spreads together (for half-ranges: the seed ranges
+  are disjoint)."""
   lines = []
   labels = list(results["runs"])
+  measure = tables.SPREADS[spread]
+  name = SPREAD_NAMES[spread]
   for steps in map(str, results["schedules"]):
     for better, worse in zip(labels, labels[1:]):
-      a, ha = tables.mean_half_range(
-          [f["AP"] for f in results["runs"][better][steps]])
-      b, hb = tables.mean_half_range(
-          [f["AP"] for f in results["runs"][worse][steps]])
-      verdict = ("beyond the seed ranges" if abs(a - b) > ha + hb
-                 else "within the seed ranges")
+      a, ha = measure([f["AP"] for f in results["runs"][better][steps]])
+      b, hb = measure([f["AP"] for f in results["runs"][worse][steps]])
+      verdict = (f"beyond the two {name}" if abs(a - b) > ha + hb
+                 else f"within the two {name}")
       lines.append(f"{steps} steps: {better} - {worse} = {a - b:+.1f} AP "
-                   f"(half-ranges {ha:.1f} and {hb:.1f}: {verdict})")
+                   f"({name} {ha:.1f} and {hb:.1f}: {verdict})")
   return "\n".join(lines)
 
 
@@ -180,14 +186,20 @@ def main() -> None:
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--steps", default="100,500",
                       help="Schedules, in fine-tuning steps.")
+  parser.add_argument("--spread", default="std", choices=sorted(SPREAD_NAMES),
+                      help="± the sample standard deviation over the seeds "
+                      "(n - 1), or half their range.")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   schedules = [int(s) for s in args.steps.split(",")]
   start = time.time()
   results = run_all(args.workdir, args.backbone, seeds, schedules)
   results["total_seconds"] = time.time() - start
-  summary = (f"{table(results)}\n\n{ordering(results)}\n\nSeeds {seeds}; "
-             f"mean ± half-range, in %. Total "
+  spread = ("sample standard deviation (n - 1)" if args.spread == "std"
+            else "half the range")
+  summary = (f"{table(results, args.spread)}\n\n"
+             f"{ordering(results, args.spread)}\n\nSeeds {seeds}; mean ± "
+             f"{spread} over the seeds, in %. Total "
              f"{results['total_seconds'] / 60:.0f} min.\n")
   tables.write_summary(args.workdir, "detection_transfer", summary, results)
 

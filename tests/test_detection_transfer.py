@@ -91,21 +91,27 @@ def test_table_and_ordering_in_percent():
       "seconds": {label: {"100": [60.0, 180.0]}
                   for label in ("DetCo", "MoCo v2", script.FLOOR)},
   }
-  lines = script.table(results).splitlines()
+  lines = script.table(results, "half_range").splitlines()
   assert lines[2] == ("| DetCo | 100 | 32.0 ± 2.0 | 64.0 ± 4.0 | 16.0 ± 1.0 "
                       "| 30.0 / 34.0 | 2.0 |")
+  # The default: the sample standard deviation, sqrt(2) x 2 for two seeds.
+  lines = script.table(results).splitlines()
+  assert lines[2].startswith("| DetCo | 100 | 32.0 ± 2.8 | 64.0 ± 5.7 |")
   # Unknown times (reused runs without a record) are left out, or "-".
   results["seconds"]["DetCo"]["100"] = [None, 120.0]
   results["seconds"]["MoCo v2"]["100"] = [None, None]
   lines = script.table(results).splitlines()
   assert lines[2].endswith("| 2.0 |") and lines[3].endswith("| - |")
-  ordering = script.ordering(results).splitlines()
+  ordering = script.ordering(results, "half_range").splitlines()
   # 32 - 25 = 7 is not more than 2 + 5: the ranges overlap.
   assert ordering[0] == ("100 steps: DetCo - MoCo v2 = +7.0 AP (half-ranges "
-                         "2.0 and 5.0: within the seed ranges)")
+                         "2.0 and 5.0: within the two half-ranges)")
   # 25 - 6 = 19 is more than 5 + 1.
   assert ordering[1].endswith("+19.0 AP (half-ranges 5.0 and 1.0: beyond "
-                              "the seed ranges)")
+                              "the two half-ranges)")
+  ordering = script.ordering(results).splitlines()
+  assert ordering[0] == ("100 steps: DetCo - MoCo v2 = +7.0 AP (std 2.8 and "
+                         "7.1: within the two std)")
 
 
 def test_backbone_argument_needs_a_label_and_a_path():
