@@ -293,9 +293,10 @@ def real_detection_step_flops(config, pretrain_config) -> float:
   config = config.copy_and_resolve_references()
   mesh = sharding.make_mesh()
   setup = detection_step.build(config, pretrain_config, mesh, classes=10)
-  b, g, s = config.batch_size, config.data.max_boxes, config.views.image_size
+  b, g = config.batch_size, config.data.max_boxes
+  h, w = setup.shape
   batch = sharding.host_to_global(
-      {"image": np.zeros((b, s, s, 3), np.uint8),
+      {"image": np.zeros((b, h, w, 3), np.uint8),
        "boxes": np.zeros((b, g, 4), np.float32),
        "labels": np.full((b, g), -1, np.int32),
        "valid": np.zeros((b, g), bool)}, mesh)
@@ -322,8 +323,8 @@ def test_detection_benchmark_times_the_jobs_step():
   assert figures["memory_arguments_bytes"] > 0
   assert figures["memory_outputs_bytes"] > 0
   assert "devices: 8 x cpu (cpu)" in lines
-  assert any(line.startswith("global batch: 8 (1 per device); images 32 px")
-             for line in lines), lines
+  assert any(line.startswith("global batch: 8 (1 per device); images 32x32 "
+                             "px (shortest_edge)") for line in lines), lines
   # The printed figures are what the run returned.
   assert f"flops_per_step: {int(figures['flops_per_step'])}" in lines
   # What was measured is the step compiled at the job's shapes.

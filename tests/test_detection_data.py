@@ -21,7 +21,8 @@ BOX_CLASSES = ("red", "green", "blue", "crowd")
 
 
 def tiny_config(data_dir, **views):
-  c = detection_config.get_config("tiny")
+  """The tiny config on square views, which the tests below pin."""
+  c = detection_config.get_config("tiny,square")
   c.data.data_dir = data_dir
   c.views.update(views)
   return c
@@ -189,10 +190,12 @@ def test_bad_views_are_reported(builtin_data_dir):
 
 
 def test_configs_and_classes(builtin_data_dir):
-  for variant in ("", "voc", "demo", "tiny"):
+  for variant in ("", "voc", "demo", "tiny", "square", "demo,square"):
     c = detection_config.get_config(variant)
     spec = detection.BoxViewSpec.from_config(c)
     assert spec.image_size == c.views.image_size
+    assert spec.min_sizes == tuple(c.views.min_sizes)
+    assert spec.grouped == ("square" not in variant)
   voc = detection_config.get_config("voc")
   assert detection.train_parts(voc.data) == [
       ("voc/2007", "train+validation"), ("voc/2012", "train+validation")]

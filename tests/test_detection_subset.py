@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import detection as detection_config
+from detco_jax.data import aspect_groups
 from detco_jax.data import builtin
 from detco_jax.data import detection
 from detco_jax.eval import detection as detection_job
@@ -20,7 +21,7 @@ def subset_config(data_dir, fraction, **data):
   c.data.data_dir = data_dir
   c.data.update(data)
   # Unscaled, unflipped outputs copy their source image exactly.
-  c.views.scale_range, c.views.flip_prob = (1.0, 1.0), 0.0
+  c.views.min_sizes, c.views.flip_prob = (32,), 0.0
   return c
 
 
@@ -104,16 +105,20 @@ def test_batches_hold_the_subset_once_an_epoch(builtin_data_dir, index_of):
   assert first != second  # Each epoch in its own order.
   # Two processes: disjoint halves of the same subset.
   config.batch_size = 16
+  counts = aspect_groups.GroupCounts(np.stack([detection.count_train_groups(
+      config, process_index=p, process_count=2, subset=subset)[0]
+                                               for p in range(2)]))
+  assert counts.counts.tolist() == [[0, 32], [0, 32]]  # Square: portrait.
   halves = [batch_ids(take(detection.make_train_iterator(
-      config, process_index=p, process_count=2), 4), index_of)
-            for p in range(2)]
+      config, process_index=p, process_count=2, subset=subset,
+      group_counts=counts), 4), index_of) for p in range(2)]
   assert sorted(halves[0] + halves[1]) == sorted(subset.ids)
 
 
 def test_the_subset_stream_resumes_exactly(builtin_data_dir):
   # 26 images, 8 per step: epochs end mid-batch.
   config = subset_config(builtin_data_dir, 0.1)
-  config.views.scale_range, config.views.flip_prob = (0.5, 1.5), 0.5
+  config.views.min_sizes, config.views.flip_prob = (16, 24, 32), 0.5
   subset = detection.train_subset(config)
   make = lambda s: detection.make_train_iterator(config, start_step=s,
                                                  subset=subset)

@@ -267,16 +267,24 @@ def test_anchors_are_detectron2s_in_the_same_order(image, offset):
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
 
 
-def test_the_jobs_anchors_with_offset_0_are_detectron2s():
+def test_the_jobs_anchors_are_detectron2s_on_both_padded_shapes():
   config = detection_config.get_config()
-  assert config.model.anchor_offset == 0.5  # Today's default: TF's centres.
-  config.model.anchor_offset = 0.0
-  got, per_level = detection.make_anchors(config, "imagenet")
-  s = config.views.image_size
-  grids = boxes.level_shapes((s, s), D2_LEVELS)
-  ref = d2_anchors(grids, [2**l for l in D2_LEVELS], D2_SIZES, D2_RATIOS, 0.0)
+  assert config.model.anchor_offset == 0.0
+  by_shape = detection.anchors_by_shape(config, "imagenet")
+  assert sorted(by_shape) == [(800, 1344), (1344, 800)]
+  for shape, (got, per_level) in by_shape.items():
+    grids = boxes.level_shapes(shape, D2_LEVELS)
+    ref = d2_anchors(grids, [2**l for l in D2_LEVELS], D2_SIZES, D2_RATIOS,
+                     0.0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
+    assert per_level == [h * w * 9 for h, w in grids]
+  # The square recipe centres them in their cells, on its one shape.
+  square = detection_config.get_config("square")
+  ((shape, (got, _)),) = detection.anchors_by_shape(square, "imagenet").items()
+  assert shape == (1024, 1024)
+  grids = boxes.level_shapes(shape, D2_LEVELS)
+  ref = d2_anchors(grids, [2**l for l in D2_LEVELS], D2_SIZES, D2_RATIOS, 0.5)
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
-  assert per_level == [h * w * 9 for h, w in grids]
 
 
 def test_head_outputs_are_laid_out_as_detectron2s():
@@ -460,16 +468,17 @@ def test_moving_normalizer_over_steps_is_detectron2s():
 def test_the_job_carries_the_moving_normalizer_in_its_state(tmp_path):
   """The train step updates it from the global batch's count; checkpoints
   keep it; a resume with the other setting says so."""
-  config = detection_config.get_config("tiny")
-  assert config.loss.normalizer_momentum == 0.0  # Today's default.
+  config = detection_config.get_config("tiny,square")
+  assert config.loss.normalizer_momentum == 0.0  # The square recipe's.
   assert detection.initial_loss_normalizer(config) is None
   config.loss.normalizer_momentum = 0.9
+  config.loss.normalizer_init = 100.0
   mesh = sharding.make_mesh(jax.devices()[:1])
   backbone = pretrained.random_init(detco_config.get_config("tiny"), 0, mesh)
   detector = detection.build(config, backbone, 3, mesh)
   state = detection.create_state(
-      detector.model, backbone, detector.tx, detector.anchors,
-      config.views.image_size, mesh, config.seed,
+      detector.model, backbone, detector.tx, detector.anchors, mesh,
+      config.seed,
       detection.initial_loss_normalizer(config))
   assert isinstance(state, detection.EmaDetectorState)
   assert float(state.loss_normalizer) == 100.0
@@ -512,7 +521,8 @@ def test_a_resumed_job_continues_the_moving_normalizer(
   config = detection_config.get_config("tiny")
   config.pretrained = tiny_pretrain_workdir
   config.data.data_dir = builtin_data_dir
-  config.loss.normalizer_momentum = 0.9
+  assert config.loss.normalizer_momentum == 0.9  # The protocol's.
+  config.loss.normalizer_init = 100.0
   straight = jobcheck.check_stop_and_nan_resume(
       lambda workdir: detection.job(config, workdir), tmp_path, stop_k=3,
       nan_k=5)

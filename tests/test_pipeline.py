@@ -128,7 +128,7 @@ def test_seed_tags_are_distinct_and_unchanged():
   assert {name: int(t) for name, t in tags.items()} == {
       "PRETRAIN_ORDER": 1, "PRETRAIN_VIEWS": 2, "PROBE_ORDER": 3,
       "PROBE_VIEWS": 4, "DENSE_ORDER": 5, "DENSE_VIEWS": 6,
-      "DETECTION_ORDER": 7, "DETECTION_VIEWS": 8}
+      "DETECTION_ORDER": 7, "DETECTION_VIEWS": 8, "DETECTION_GROUPS": 9}
 
 
 def test_views_differ_across_processes(tmp_path):

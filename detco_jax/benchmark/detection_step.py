@@ -120,7 +120,9 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 
 
 def make_batch_fn(config: ml_collections.ConfigDict, classes: int,
-                  boxes_per_image: int) -> Callable[[jax.Array], Batch]:
+                  boxes_per_image: int,
+                  shape: tuple[int, int] | None = None
+                  ) -> Callable[[jax.Array], Batch]:
   """`key -> batch`: random images and a few plausible boxes per image.
 
   Box sides are log-uniform between the smallest and the largest anchor
@@ -131,17 +133,21 @@ def make_batch_fn(config: ml_collections.ConfigDict, classes: int,
     config: the detection config (batch, image size, box slots, anchors).
     classes: K; labels are uniform in [0, K).
     boxes_per_image: real boxes in each image (at most `data.max_boxes`).
+    shape: the images' (height, width), one of the config's padded shapes;
+      None: the first (`detection.padded_shapes`).
 
   Returns:
-    The function, traceable: `{"image": uint8 [B, S, S, 3], "boxes":
+    The function, traceable: `{"image": uint8 [B, H, W, 3], "boxes":
     float32 [B, G, 4] XYXY pixels, "labels": int32 [B, G] (-1 for
     padding), "valid": bool [B, G]}`, the real boxes first, as the job's
     batches have them.
   """
-  b, s, g = config.batch_size, config.views.image_size, config.data.max_boxes
+  b, g = config.batch_size, config.data.max_boxes
+  h, w = shape or detection.padded_shapes(config)[0]
+  s = jnp.array([w, h], jnp.float32)  # (x, y) extent.
   n = min(boxes_per_image, g)
-  low = math.log(min(min(config.model.anchor_sizes), s))
-  high = math.log(min(max(config.model.anchor_sizes), s))
+  low = math.log(min(min(config.model.anchor_sizes), h, w))
+  high = math.log(min(max(config.model.anchor_sizes), h, w))
 
   def make(key):
     k_image, k_size, k_ratio, k_centre, k_label = jax.random.split(key, 5)
@@ -155,7 +161,7 @@ def make_batch_fn(config: ml_collections.ConfigDict, classes: int,
     valid = jnp.broadcast_to(jnp.arange(g) < n, (b, g))
     boxes = jnp.concatenate([centre - wh / 2, centre + wh / 2], -1)
     labels = jax.random.randint(k_label, (b, g), 0, classes)
-    return {"image": jax.random.bits(k_image, (b, s, s, 3), jnp.uint8),
+    return {"image": jax.random.bits(k_image, (b, h, w, 3), jnp.uint8),
             "boxes": jnp.where(valid[..., None], boxes, 0.0),
             "labels": jnp.where(valid, labels, -1),
             "valid": valid}
@@ -164,9 +170,10 @@ def make_batch_fn(config: ml_collections.ConfigDict, classes: int,
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, classes: int,
-                    boxes_per_image: int, mesh: Mesh, seed: int = 0) -> Batch:
+                    boxes_per_image: int, mesh: Mesh, seed: int = 0,
+                    shape: tuple[int, int] | None = None) -> Batch:
   """`make_batch_fn`'s batch, made on the devices and split over `data`."""
-  return jax.jit(make_batch_fn(config, classes, boxes_per_image),
+  return jax.jit(make_batch_fn(config, classes, boxes_per_image, shape),
                  out_shardings=sharding.batch_sharded(mesh))(
                      jax.random.key(seed))
 
@@ -180,7 +187,8 @@ class Setup:
     pretrain_config: the pretraining config of the backbone.
     backbone: its ResNet, with abstract variables (no arrays).
     model: the RetinaNet.
-    anchors: the anchors [A, 4].
+    shape: the (height, width) of the images measured.
+    anchors: the anchors of every padded shape (`detection.Anchors`).
     classes: K.
     boxes_per_image: real boxes in each synthetic image.
     tx: the optimiser.
@@ -193,7 +201,8 @@ class Setup:
   pretrain_config: ml_collections.ConfigDict
   backbone: pretrained.Backbone
   model: retinanet.RetinaNet
-  anchors: np.ndarray
+  shape: tuple[int, int]
+  anchors: detection.Anchors
   classes: int
   boxes_per_image: int
   tx: optax.GradientTransformation
@@ -205,18 +214,20 @@ class Setup:
 
 def _detector_state(config: ml_collections.ConfigDict,
                     model: retinanet.RetinaNet,
-                    tx: optax.GradientTransformation, anchors: np.ndarray,
-                    mesh: Mesh, backbone: pretrained.Backbone) -> Any:
+                    tx: optax.GradientTransformation,
+                    anchors: detection.Anchors, mesh: Mesh,
+                    backbone: pretrained.Backbone) -> Any:
   """The job's fresh detector state (`detection.create_state`)."""
-  return detection.create_state(model, backbone, tx, anchors,
-                                config.views.image_size, mesh, config.seed,
+  return detection.create_state(model, backbone, tx, anchors, mesh,
+                                config.seed,
                                 detection.initial_loss_normalizer(config))
 
 
 def build(config: ml_collections.ConfigDict,
           pretrain_config: ml_collections.ConfigDict,
           mesh: Mesh, *, classes: int,
-          boxes_per_image: int = BOXES_PER_IMAGE) -> Setup:
+          boxes_per_image: int = BOXES_PER_IMAGE,
+          shape: tuple[int, int] | None = None) -> Setup:
   """The job's step for the config and backbone, and its abstract inputs.
 
   Only shapes are computed (`jax.eval_shape` of `pretrained.random_init`
@@ -229,10 +240,13 @@ def build(config: ml_collections.ConfigDict,
     mesh: the mesh.
     classes: K.
     boxes_per_image: real boxes in each synthetic image.
+    shape: the images' (height, width), one of the config's padded shapes;
+      None: the first.
 
   Returns:
     The setup.
   """
+  shape = tuple(shape or detection.padded_shapes(config)[0])
   variables = jax.eval_shape(lambda: pretrained.random_init(
       pretrain_config, config.seed, mesh).variables)
   backbone = pretrained.Backbone(
@@ -244,11 +258,15 @@ def build(config: ml_collections.ConfigDict,
       lambda v: _detector_state(config, model, tx, anchors, mesh,
                                 dataclasses.replace(backbone, variables=v)),
       variables)
+  if shape not in anchors:
+    raise ValueError(f"Shape {shape} is not one of the config's padded "
+                     f"shapes {sorted(anchors)}.")
   batch_shapes = jax.eval_shape(
-      make_batch_fn(config, classes, boxes_per_image), jax.random.key(0))
+      make_batch_fn(config, classes, boxes_per_image, shape),
+      jax.random.key(0))
   return Setup(
       config=config, pretrain_config=pretrain_config, backbone=backbone,
-      model=model, anchors=anchors, classes=classes,
+      model=model, shape=shape, anchors=anchors, classes=classes,
       boxes_per_image=boxes_per_image, tx=tx, mesh=mesh,
       train_step=detector.train_step,
       # The step's own in_shardings: the state replicated, the batch split.
@@ -270,15 +288,18 @@ def _describe(setup: Setup, per_device_batch: int, changes: list[str],
               log: Callable[[str], None]) -> None:
   """Logs the batch, the detector and the config changes."""
   c, m = setup.config, setup.backbone.module
+  h, w = setup.shape
   log(f"global batch: {c.batch_size} ({per_device_batch} per device); "
-      f"images {c.views.image_size} px, {c.data.max_boxes} box slots "
+      f"images {h}x{w} px ({c.views.resize}), {c.data.max_boxes} box slots "
       f"({min(setup.boxes_per_image, c.data.max_boxes)} boxes), "
       f"{setup.classes} classes")
   levels = detection.anchor_levels(c, m.stem)
   log(f"model: RetinaNet on ResNet-{m.depth} width {m.width} ({m.stem} "
       f"stem, {setup.pretrain_config.model.dtype}), strides "
-      f"{', '.join(str(2**l) for l in levels)}, {len(setup.anchors)} "
-      f"anchors, head {c.model.head_channels} channels ({c.model.norm}), "
+      f"{', '.join(str(2**l) for l in levels)}, "
+      f"{len(setup.anchors[setup.shape][0])} anchors, head "
+      f"{c.model.head_channels} channels ({c.model.norm}), FPN norm "
+      f"{c.model.get('fpn_norm', 'none')}, "
       f"backbone BN {c.model.backbone_bn}, frozen stages "
       f"{c.model.frozen_stages}")
   log("config changes: " + ("; ".join(changes) or "none"))
@@ -290,6 +311,7 @@ def run(config: ml_collections.ConfigDict,
         compile_only: bool = False, topology: str | None = None,
         chip_config: str | None = None, classes: int | None = None,
         boxes_per_image: int = BOXES_PER_IMAGE,
+        shape: tuple[int, int] | None = None,
         log: Callable[[str], None] = print) -> Figures:
   """Compiles, runs and measures the detection step; prints the figures.
 
@@ -307,6 +329,8 @@ def run(config: ml_collections.ConfigDict,
     chip_config: the topology's chip configuration (e.g. "megacore").
     classes: K; None: the dataset's (`num_classes`).
     boxes_per_image: real boxes in each synthetic image.
+    shape: the images' (height, width), one of the config's padded shapes
+      (`detection.padded_shapes`); None: the first.
     log: where the report lines go.
 
   Returns:
@@ -323,7 +347,7 @@ def run(config: ml_collections.ConfigDict,
   log(common.describe_devices(devices))
   setup = build(config, pretrain_config, sharding.make_mesh(devices),
                 classes=num_classes(config) if classes is None else classes,
-                boxes_per_image=boxes_per_image)
+                boxes_per_image=boxes_per_image, shape=shape)
   _describe(setup, per_device_batch, changes, log)
   compiled, figures = common.compile_figures(
       setup.train_step, setup.state_spec, setup.batch_spec, log=log)
@@ -332,7 +356,7 @@ def run(config: ml_collections.ConfigDict,
     return figures
 
   batch = synthetic_batch(config, setup.classes, boxes_per_image, setup.mesh,
-                          seed=config.seed)
+                          seed=config.seed, shape=setup.shape)
   step = common.threaded_call(compiled, {"state": create_state(setup)}, batch)
   times, peak_n = common.time_step(
       step, config_lib.DTYPES[pretrain_config.model.dtype], steps, warmup)
@@ -340,6 +364,45 @@ def run(config: ml_collections.ConfigDict,
                                       peak_n))
   common.log_figures(figures, log)
   return figures
+
+
+def run_shapes(config: ml_collections.ConfigDict,
+               pretrain_config: ml_collections.ConfigDict, *,
+               with_square: bool = False,
+               log: Callable[[str], None] = print,
+               **kwargs: Any) -> dict[str, Figures]:
+  """`run` at each of the config's padded shapes, and at its square step.
+
+  Args:
+    config: the detection config.
+    pretrain_config: the pretraining config whose ResNet is the backbone.
+    with_square: also measure the config with the `square` variant's
+      protocol (its S x S step), and print each shape's images/s over it.
+    log: where the report lines go.
+    **kwargs: `run`'s other arguments.
+
+  Returns:
+    "HxW" (or "square HxW") -> that step's figures.
+  """
+  from configs import detection as detection_config  # pylint: disable=g-import-not-at-top
+  runs = [("", config, shape) for shape in detection.padded_shapes(config)]
+  if with_square:
+    square = config.copy_and_resolve_references()
+    detection_config.VARIANTS["square"](square)
+    runs += [("square ", square, detection.padded_shapes(square)[0])]
+  results = {}
+  for label, c, (h, w) in runs:
+    name = f"{label}{h}x{w}"
+    log(f"== {name}")
+    results[name] = run(c, pretrain_config, shape=(h, w), log=log, **kwargs)
+  speed = {k: f.get("images_per_s_per_device") for k, f in results.items()}
+  base = next((v for k, v in speed.items() if k.startswith("square")), None)
+  if base:
+    log("== side by side")
+    for name, value in speed.items():
+      if not name.startswith("square"):
+        log(f"images_per_s_{name}_over_square: {value / base:.3f}")
+  return results
 
 
 def define_flags() -> None:
@@ -356,15 +419,19 @@ def define_flags() -> None:
       "80, VOC 20, the built-in 10).")
   flags.DEFINE_integer("boxes_per_image", BOXES_PER_IMAGE,
                        "Real boxes in each synthetic image.")
+  flags.DEFINE_bool("with_square", False,
+                    "Also measure the config's square step (the `square` "
+                    "variant) and print each padded shape's speed over it.")
 
 
 def main() -> None:
   """Benchmarks with the command-line flags."""
   f = flags.FLAGS
-  run(f.config, f.pretrain_config, per_device_batch=f.per_device_batch,
-      steps=f.steps, warmup=f.warmup, compile_only=f.compile_only,
-      topology=f.topology, chip_config=f.chip_config,
-      classes=f.num_classes, boxes_per_image=f.boxes_per_image)
+  run_shapes(f.config, f.pretrain_config, with_square=f.with_square,
+             per_device_batch=f.per_device_batch, steps=f.steps,
+             warmup=f.warmup, compile_only=f.compile_only,
+             topology=f.topology, chip_config=f.chip_config,
+             classes=f.num_classes, boxes_per_image=f.boxes_per_image)
 
 
 if __name__ == "__main__":

@@ -600,7 +600,9 @@ def part_detection(ctx: Context, part: Part) -> None:
     compile_cost[0] = max(compile_cost[0], figures["compile_s"])
     labels = {"model": "RetinaNet R50-FPN" if not sizes.detection
               else f"RetinaNet ({sizes.detection})", "dtype": dtype,
-              "image_size": config.views.image_size,
+              "image_size": "x".join(str(x) for x in
+                                     detection_step.detection.padded_shapes(
+                                         config)[0]),
               "per_device_batch": sizes.detection_batch}
     predicted = ctx.predict_timing(figures, dtype, backbone=False)
     if not ctx.budget.allows(predicted):

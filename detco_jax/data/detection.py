@@ -104,6 +104,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from detco_jax.data import aspect_groups
 from detco_jax.data import pipeline
 from detco_jax.data import sources
 
@@ -162,34 +163,75 @@ BOX_FEATURES = {
 }
 
 
+# How a view resizes an image (`views.resize`).
+LONGEST_EDGE = "longest_edge"    # Square S x S views (TF Model Garden).
+SHORTEST_EDGE = "shortest_edge"  # detectron2's ResizeShortestEdge.
+RESIZES = (LONGEST_EDGE, SHORTEST_EDGE)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
 @dataclasses.dataclass(frozen=True)
 class BoxViewSpec:
   """Geometry of the detection views, validated (from `config.views`).
 
   Attributes:
-    image_size: side S of the square output.
-    scale_range: training draws the longer side as S * U(scale_range).
+    resize: `LONGEST_EDGE`: square S x S views with scale jitter (the TF
+      Model Garden's); `SHORTEST_EDGE`: detectron2's resize of the shorter
+      side, each aspect-ratio group padded to its fixed shape.
+    image_size: S, the side of the square views (`LONGEST_EDGE`).
+    scale_range: training draws the longer side as S * U(scale_range)
+      (`LONGEST_EDGE`).
+    min_sizes: training draws the shorter side from these (`SHORTEST_EDGE`,
+      detectron2's INPUT.MIN_SIZE_TRAIN with sampling "choice").
+    test_min_size: the shorter side in testing (INPUT.MIN_SIZE_TEST).
+    max_size: the longer side at most (INPUT.MAX_SIZE_TRAIN and _TEST).
+    size_divisibility: the padded shapes' sides are multiples of this (the
+      FPN's coarsest input stride, as detectron2 pads).
     flip_prob: probability of a horizontal flip in training.
     min_box_size: training drops boxes narrower or lower than this (pixels
-      of the output) after clipping.
+      of the output) after clipping; boxes with no area always go.
     pad_value: RGB uint8 fill of the output outside the image.
     max_boxes: G, boxes per example after padding or truncation.
   """
-  image_size: int
+  image_size: int = 0
+  resize: str = LONGEST_EDGE
   scale_range: tuple[float, float] = (0.8, 1.25)
+  min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+  test_min_size: int = 800
+  max_size: int = 1333
+  size_divisibility: int = 32
   flip_prob: float = 0.5
   min_box_size: float = 1.0
   pad_value: tuple[int, int, int] = PAD_VALUE
   max_boxes: int = 100
 
   def __post_init__(self):
-    lo, hi = self.scale_range
-    if not 0.0 < lo <= hi:
-      raise ValueError(f"views.scale_range must be (lo, hi) with 0 < lo <= "
-                       f"hi, got {self.scale_range}.")
-    if self.image_size < 1:
-      raise ValueError(f"views.image_size must be >= 1, got "
-                       f"{self.image_size}.")
+    if self.resize not in RESIZES:
+      raise ValueError(f"views.resize must be one of {RESIZES}, got "
+                       f"{self.resize!r}.")
+    if self.resize == LONGEST_EDGE:
+      lo, hi = self.scale_range
+      if not 0.0 < lo <= hi:
+        raise ValueError(f"views.scale_range must be (lo, hi) with 0 < lo "
+                         f"<= hi, got {self.scale_range}.")
+      if self.image_size < 1:
+        raise ValueError(f"views.image_size must be >= 1, got "
+                         f"{self.image_size}.")
+    else:
+      sizes = (*self.min_sizes, self.test_min_size)
+      if not self.min_sizes or min(sizes) < 1:
+        raise ValueError(f"views.min_sizes and views.test_min_size must be "
+                         f">= 1, got {self.min_sizes} and "
+                         f"{self.test_min_size}.")
+      if self.max_size < max(sizes):
+        raise ValueError(f"views.max_size ({self.max_size}) must be at least "
+                         f"the largest shorter side ({max(sizes)}).")
+      if self.size_divisibility < 1:
+        raise ValueError(f"views.size_divisibility must be >= 1, got "
+                         f"{self.size_divisibility}.")
     if not 0.0 <= self.flip_prob <= 1.0:
       raise ValueError(f"views.flip_prob must be in [0, 1], got "
                        f"{self.flip_prob}.")
@@ -202,6 +244,38 @@ class BoxViewSpec:
                        f"{self.pad_value}.")
     if self.max_boxes < 1:
       raise ValueError(f"data.max_boxes must be >= 1, got {self.max_boxes}.")
+
+  @property
+  def grouped(self) -> bool:
+    """Whether batches are of one aspect-ratio group (`SHORTEST_EDGE`)."""
+    return self.resize == SHORTEST_EDGE
+
+  def padded_shape(self, group: int = aspect_groups.PORTRAIT
+                   ) -> tuple[int, int]:
+    """(height, width) of every output of an aspect-ratio group.
+
+    Args:
+      group: `aspect_groups.LANDSCAPE` or `PORTRAIT` (ignored for square
+        views).
+
+    Returns:
+      (S, S) for `LONGEST_EDGE`; for `SHORTEST_EDGE`, (short, long) for
+      landscape and (long, short) for portrait, where short is the largest
+      shorter side and long `max_size`, each rounded up to
+      `size_divisibility`: the shape of detectron2's largest padded batch.
+    """
+    if not self.grouped:
+      return self.image_size, self.image_size
+    d = self.size_divisibility
+    short = _round_up(max(*self.min_sizes, self.test_min_size), d)
+    long = _round_up(self.max_size, d)
+    return (short, long) if group == aspect_groups.LANDSCAPE else (long,
+                                                                   short)
+
+  def padded_shapes(self) -> tuple[tuple[int, int], ...]:
+    """The distinct output shapes: the programs a run compiles per step."""
+    return tuple(dict.fromkeys(self.padded_shape(g)
+                               for g in aspect_groups.GROUPS))
 
   @classmethod
   def from_config(cls, config: Any) -> "BoxViewSpec":
@@ -216,12 +290,18 @@ class BoxViewSpec:
     v = config.views
     pad = v.get("pad_value", PAD_VALUE)
     pad = (int(pad),) * 3 if np.ndim(pad) == 0 else tuple(int(p) for p in pad)
+    defaults = cls.__dataclass_fields__
+    get = lambda key: v.get(key, defaults[key].default)
     return cls(
-        image_size=int(v.image_size),
-        scale_range=tuple(float(s) for s in v.get("scale_range",
-                                                  (0.8, 1.25))),
-        flip_prob=float(v.get("flip_prob", 0.5)),
-        min_box_size=float(v.get("min_box_size", 1.0)),
+        resize=str(get("resize")),
+        image_size=int(get("image_size")),
+        scale_range=tuple(float(s) for s in get("scale_range")),
+        min_sizes=tuple(int(s) for s in get("min_sizes")),
+        test_min_size=int(get("test_min_size")),
+        max_size=int(get("max_size")),
+        size_divisibility=int(get("size_divisibility")),
+        flip_prob=float(get("flip_prob")),
+        min_box_size=float(get("min_box_size")),
         pad_value=pad,
         max_boxes=int(config.data.get("max_boxes", 100)))
 
@@ -353,6 +433,35 @@ def make_id_reader(features: Any, layout: BoxFeatures
   parse_spec = {key: features.tf_example_spec[key]}
   return lambda serialized: _as_image_id(
       tf.io.parse_single_example(serialized, parse_spec)[key], layout)
+
+
+def make_meta_reader(features: Any, layout: BoxFeatures
+                     ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """Reads an example's image size and trainable boxes, not its pixels.
+
+  Args:
+    features: the dataset's `tfds.features.FeaturesDict`.
+    layout: where its image and boxes are.
+
+  Returns:
+    `read(serialized)` -> {"height": int32, "width": int32, "boxes": int32,
+    the boxes that train (not crowd)}; a JPEG's size comes from its header
+    (`aspect_groups.encoded_image_size`).
+  """
+  spec = features.tf_example_spec
+  keys = [k for k in (layout.image, layout.labels, layout.crowd) if k]
+  parse_spec = {k: spec[k] for k in keys}
+
+  def read(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    example = tf.io.parse_single_example(serialized, parse_spec)
+    size = aspect_groups.encoded_image_size(example[layout.image])
+    boxes = tf.size(example[layout.labels])
+    if layout.crowd:
+      boxes -= tf.reduce_sum(tf.cast(tf.cast(example[layout.crowd], tf.bool),
+                                     tf.int32))
+    return {"height": size[0], "width": size[1], "boxes": boxes}
+
+  return read
 
 
 def make_decoder(features: Any, layout: BoxFeatures
@@ -570,6 +679,32 @@ def _record_id(record: dict[str, tf.Tensor],
     return readers[0](record["record"])
   return tf.switch_case(record["part"], [
       lambda r=r: r(record["record"]) for r in readers])
+
+
+def record_meta(config_data: Any, parts: Sequence[tuple[str, str]]
+                ) -> aspect_groups.MetaReader:
+  """`make_meta_reader` for the records of `open_box_source(parts)`.
+
+  Args:
+    config_data: the `config.data` section.
+    parts: the source's (dataset, split) pairs.
+
+  Returns:
+    record -> {"height", "width", "boxes"}, read by the record's part.
+  """
+  readers = []
+  for dataset, _ in parts:
+    part_data = _part_config(config_data, dataset)
+    features = sources.tfds_builder(part_data).info.features
+    readers.append(make_meta_reader(features, box_features(part_data)))
+
+  def meta(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    if len(readers) == 1:
+      return readers[0](record["record"])
+    return tf.switch_case(record["part"], [
+        lambda r=r: r(record["record"]) for r in readers])
+
+  return meta
 
 
 def _whole_training_source(config_data: Any) -> sources.Source:
@@ -811,35 +946,100 @@ def test_geometry(image_shape: tf.Tensor, size: int) -> Geometry:
                    tf.zeros([2], tf.float64), tf.constant(False))
 
 
-def render(image: tf.Tensor, geometry: Geometry, spec: BoxViewSpec
-           ) -> tf.Tensor:
-  """The S x S output image of a geometry (bilinear, half-pixel centres).
+def shortest_edge_size(image_shape: tf.Tensor, short: tf.Tensor,
+                       max_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """detectron2's `ResizeShortestEdge.get_output_shape`, in float64.
+
+  The shorter side goes to `short`; if the longer one then exceeds
+  `max_size`, both shrink so that it is `max_size`; each side is rounded
+  half up.
+
+  Args:
+    image_shape: (height, width, ...) of the source.
+    short: the shorter side's target length (int or float scalar).
+    max_size: the longer side at most.
+
+  Returns:
+    (height, width), int32 scalars.
+  """
+  h, w = tf.unstack(tf.cast(image_shape[:2], tf.float64))
+  short = tf.cast(short, tf.float64)
+  scale = short / tf.minimum(h, w)
+  new_h = tf.where(h < w, short, scale * h)
+  new_w = tf.where(h < w, scale * w, short)
+  longest = tf.maximum(new_h, new_w)
+  shrink = tf.where(longest > max_size, max_size / longest,
+                    tf.constant(1.0, tf.float64))
+  as_int = lambda x: tf.cast(tf.floor(x * shrink + 0.5), tf.int32)
+  return as_int(new_h), as_int(new_w)
+
+
+def shortest_edge_geometry(image_shape: tf.Tensor, short: tf.Tensor,
+                           max_size: int, flip: tf.Tensor) -> Geometry:
+  """The whole image resized by `shortest_edge_size`, at the top left."""
+  height, width = shortest_edge_size(image_shape, short, max_size)
+  zero = tf.constant(0, tf.int32)
+  return Geometry(flip=flip, height=height, width=width, top=zero,
+                  left=zero)
+
+
+def sample_shortest_edge_geometry(seed: tf.Tensor, image_shape: tf.Tensor,
+                                  spec: BoxViewSpec) -> Geometry:
+  """detectron2's training augmentation: ResizeShortestEdge, RandomFlip.
+
+  Args:
+    seed: [2] int stateless seed of the slot.
+    image_shape: (height, width, ...) of the source image.
+    spec: the view spec (`SHORTEST_EDGE`).
+
+  Returns:
+    The shorter side drawn uniformly from `spec.min_sizes` ("choice"), the
+    longer at most `spec.max_size`, a flip with probability
+    `spec.flip_prob`.
+  """
+  u = tf.random.stateless_uniform([2], seed, dtype=tf.float64)
+  sizes = tf.constant(spec.min_sizes, tf.int32)
+  pick = tf.minimum(tf.cast(u[0] * len(spec.min_sizes), tf.int32),
+                    len(spec.min_sizes) - 1)
+  return shortest_edge_geometry(image_shape, sizes[pick], spec.max_size,
+                                u[1] < spec.flip_prob)
+
+
+def render(image: tf.Tensor, geometry: Geometry, spec: BoxViewSpec,
+           shape: Optional[tuple[int, int]] = None) -> tf.Tensor:
+  """The output image of a geometry (bilinear, half-pixel centres).
+
+  Square views resize without antialiasing (as they always have here);
+  `SHORTEST_EDGE` views antialias when they shrink, as PIL's bilinear
+  resize in detectron2's `ResizeTransform` does.
 
   Args:
     image: uint8 [H, W, 3].
     geometry: where it lands.
-    spec: the view spec (image_size, pad_value).
+    spec: the view spec (image_size, pad_value, resize).
+    shape: the output's (height, width); None: `spec.padded_shape()`.
 
   Returns:
-    uint8 [S, S, 3].
+    uint8 [height, width, 3].
   """
-  size = spec.image_size
+  out_h, out_w = shape or spec.padded_shape()
   image = tf.cond(geometry.flip, lambda: tf.reverse(image, axis=[1]),
                   lambda: image)
   resized = tf.image.resize(image, tf.stack([geometry.height, geometry.width]),
-                            method="bilinear")
-  window = resized[geometry.top:geometry.top + size,
-                   geometry.left:geometry.left + size]
+                            method="bilinear", antialias=spec.grouped)
+  window = resized[geometry.top:geometry.top + out_h,
+                   geometry.left:geometry.left + out_w]
   pad = tf.constant(spec.pad_value, tf.float32)
-  room = size - tf.shape(window)[:2]
+  room = tf.constant([out_h, out_w]) - tf.shape(window)[:2]
   # Padding with 0 around (window - pad) and adding pad back fills the
   # outside with the per-channel `pad` value.
   canvas = tf.pad(window - pad, [[0, room[0]], [0, room[1]], [0, 0]]) + pad
   return tf.ensure_shape(tf.saturate_cast(tf.round(canvas), tf.uint8),
-                         [size, size, 3])
+                         [out_h, out_w, 3])
 
 
-def pixel_boxes(boxes: tf.Tensor, geometry: Geometry, size: int) -> tf.Tensor:
+def pixel_boxes(boxes: tf.Tensor, geometry: Geometry,
+                shape: int | tuple[int, int]) -> tf.Tensor:
   """Normalised source boxes -> XYXY pixels of the output, clipped.
 
   With half-pixel centres, a resize maps edge coordinates linearly (y ->
@@ -849,12 +1049,14 @@ def pixel_boxes(boxes: tf.Tensor, geometry: Geometry, size: int) -> tf.Tensor:
   Args:
     boxes: float32 [n, 4] normalised [ymin, xmin, ymax, xmax].
     geometry: where the image lands.
-    size: S.
+    shape: the output's (height, width), or S for S x S.
 
   Returns:
     float32 [n, 4] (x1, y1, x2, y2), clipped to the image's part of the
-    output: [0, min(S, width - left)] x [0, min(S, height - top)].
+    output: [0, min(width, resized width - left)] x [0, min(height,
+    resized height - top)].
   """
+  out_h, out_w = (shape, shape) if np.ndim(shape) == 0 else shape
   ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=1)
   xmin, xmax = (tf.where(geometry.flip, 1.0 - xmax, xmin),
                 tf.where(geometry.flip, 1.0 - xmin, xmax))
@@ -862,8 +1064,8 @@ def pixel_boxes(boxes: tf.Tensor, geometry: Geometry, size: int) -> tf.Tensor:
   w = tf.cast(geometry.width, tf.float32)
   top = tf.cast(geometry.top, tf.float32)
   left = tf.cast(geometry.left, tf.float32)
-  y_max = tf.minimum(float(size), h - top)
-  x_max = tf.minimum(float(size), w - left)
+  y_max = tf.minimum(float(out_h), h - top)
+  x_max = tf.minimum(float(out_w), w - left)
   ys = [tf.clip_by_value(y * h - top, 0.0, y_max) for y in (ymin, ymax)]
   xs = [tf.clip_by_value(x * w - left, 0.0, x_max) for x in (xmin, xmax)]
   return tf.stack([xs[0], ys[0], xs[1], ys[1]], axis=1)
@@ -900,51 +1102,72 @@ def pack(keep: tf.Tensor, max_boxes: int, **per_box: tf.Tensor
 
 
 def train_view(image: tf.Tensor, objects: dict[str, tf.Tensor],
-               seed: tf.Tensor, spec: BoxViewSpec) -> dict[str, tf.Tensor]:
-  """One training example: flip, scale jitter, crop/pad; boxes alike.
+               seed: tf.Tensor, spec: BoxViewSpec,
+               group: int = aspect_groups.PORTRAIT) -> dict[str, tf.Tensor]:
+  """One training example, its boxes moved alike.
+
+  Square views: flip, scale jitter, crop / pad to S x S. `SHORTEST_EDGE`
+  views: detectron2's resize and flip, padded bottom / right to the
+  group's shape.
 
   Args:
     image: uint8 [H, W, 3].
     objects: the decoded "label" of `make_decoder`.
     seed: [2] int stateless seed of the slot.
     spec: the view spec.
+    group: the image's aspect-ratio group (`SHORTEST_EDGE` only).
 
   Returns:
-    {"image": uint8 [S, S, 3], "boxes": float32 [G, 4] XYXY pixels,
-    "labels": int32 [G], "valid": bool [G], TRUNCATED: int32}.
+    {"image": uint8 [height, width, 3] (`spec.padded_shape(group)`),
+    "boxes": float32 [G, 4] XYXY pixels, "labels": int32 [G], "valid": bool
+    [G], TRUNCATED: int32}.
   """
-  geometry = sample_geometry(seed, tf.shape(image), spec)
-  boxes = pixel_boxes(objects["boxes"], geometry, spec.image_size)
+  shape = spec.padded_shape(group)
+  if spec.grouped:
+    geometry = sample_shortest_edge_geometry(seed, tf.shape(image), spec)
+  else:
+    geometry = sample_geometry(seed, tf.shape(image), spec)
+  boxes = pixel_boxes(objects["boxes"], geometry, shape)
   width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
   keep = ((width >= spec.min_box_size) & (height >= spec.min_box_size) &
           (width > 0) & (height > 0) & ~objects["crowd"])
   out = pack(keep, spec.max_boxes, boxes=boxes, labels=objects["classes"])
-  out["image"] = render(image, geometry, spec)
+  out["image"] = render(image, geometry, spec, shape)
   return out
 
 
 def test_view(image: tf.Tensor, objects: dict[str, tf.Tensor],
-              spec: BoxViewSpec) -> dict[str, tf.Tensor]:
-  """One test example: the longer side to S, padded; every box kept.
+              spec: BoxViewSpec,
+              group: int = aspect_groups.PORTRAIT) -> dict[str, tf.Tensor]:
+  """One test example, padded; every box kept.
+
+  Square views resize the longer side to S; `SHORTEST_EDGE` views the
+  shorter side to `spec.test_min_size` (the longer at most `max_size`).
 
   Args:
     image: uint8 [H, W, 3].
     objects: the decoded "label" of `make_decoder`.
     spec: the view spec.
+    group: the image's aspect-ratio group (`SHORTEST_EDGE` only).
 
   Returns:
     The test stream's per-example keys (module docstring) but "mask".
   """
-  geometry = test_geometry(tf.shape(image), spec.image_size)
-  boxes = pixel_boxes(objects["boxes"], geometry, spec.image_size)
+  shape = spec.padded_shape(group)
+  if spec.grouped:
+    geometry = shortest_edge_geometry(tf.shape(image), spec.test_min_size,
+                                      spec.max_size, tf.constant(False))
+  else:
+    geometry = test_geometry(tf.shape(image), spec.image_size)
+  boxes = pixel_boxes(objects["boxes"], geometry, shape)
   keep = tf.ones([tf.shape(boxes)[0]], tf.bool)
   out = pack(keep, spec.max_boxes, boxes=boxes, labels=objects["classes"],
              crowd=objects["crowd"] | objects["difficult"])
-  shape = tf.shape(image)
-  out.update(image=render(image, geometry, spec),
+  source_shape = tf.shape(image)
+  out.update(image=render(image, geometry, spec, shape),
              image_id=objects["image_id"], height=geometry.height,
-             width=geometry.width, source_height=shape[0],
-             source_width=shape[1])
+             width=geometry.width, source_height=source_shape[0],
+             source_width=source_shape[1])
   return out
 
 
@@ -952,15 +1175,107 @@ def test_view(image: tf.Tensor, objects: dict[str, tf.Tensor],
 # Streams.
 
 
-def make_train_iterator(config: Any, *, start_step: int = 0,
-                        process_index: Optional[int] = None,
-                        process_count: Optional[int] = None,
-                        subset: Optional[TrainSubset] = None) -> BoxIterator:
+def _train_source(config: Any, process_index: int, process_count: int,
+                  subset: Optional[TrainSubset]) -> sources.Source:
+  """This process's training shard: of the whole split, or of the subset."""
+  if subset is None:
+    return open_box_source(config.data, train_parts(config.data),
+                           process_index=process_index,
+                           process_count=process_count, drop_remainder=True)
+  return subset_source(config.data, subset, process_index=process_index,
+                       process_count=process_count)
+
+
+def _min_train_boxes(config: Any) -> int:
+  """1 when `data.filter_empty` leaves images without a box out of training.
+
+  detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS (on by default) trains
+  only on images with at least one box that is not crowd.
+  """
+  return int(bool(config.data.get("filter_empty", False)))
+
+
+def _test_source(config: Any, process_index: int,
+                 process_count: int) -> sources.Source:
+  return open_box_source(
+      config.data, [(config.data.dataset, config.data.eval_split)],
+      process_index=process_index, process_count=process_count,
+      drop_remainder=False)
+
+
+def count_train_groups(config: Any, *, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None,
+                       subset: Optional[TrainSubset] = None
+                       ) -> tuple[np.ndarray, int]:
+  """The training images of each aspect-ratio group in this process's shard.
+
+  Reads every record's size once (`aspect_groups.count_groups`). With
+  `data.filter_empty`, images without a trainable box count in no group.
+
+  Args:
+    config: the detection config.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+    subset: the run's `train_subset`, if any.
+
+  Returns:
+    (int64 [2] (landscape, portrait) images, records left out).
+  """
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
+  source = _train_source(config, process_index, process_count, subset)
+  return aspect_groups.count_groups(
+      source, record_meta(config.data, train_parts(config.data)),
+      min_boxes=_min_train_boxes(config))
+
+
+def count_test_groups(config: Any, *, process_index: Optional[int] = None,
+                      process_count: Optional[int] = None
+                      ) -> tuple[np.ndarray, int]:
+  """The test images of each aspect-ratio group in this process's shard.
+
+  Args:
+    config: the detection config.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+
+  Returns:
+    As `count_train_groups`, with every image counted.
+  """
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
+  source = _test_source(config, process_index, process_count)
+  return aspect_groups.count_groups(
+      source, record_meta(config.data, [(config.data.dataset,
+                                         config.data.eval_split)]))
+
+
+def _group_counts(counts: Optional[aspect_groups.GroupCounts],
+                  count: Callable[[], tuple[np.ndarray, int]],
+                  process_count: int) -> aspect_groups.GroupCounts:
+  """The given counts, or this single process's own."""
+  if counts is not None:
+    if len(counts.counts) != process_count:
+      raise ValueError(f"group_counts has {len(counts.counts)} processes' "
+                       f"counts for {process_count} processes.")
+    return counts
+  if process_count > 1:
+    raise ValueError("Several processes need group_counts: every "
+                     "process's count_*_groups, gathered (the job does).")
+  return aspect_groups.GroupCounts(count()[0][None])
+
+
+def make_train_iterator(
+    config: Any, *, start_step: int = 0, process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    subset: Optional[TrainSubset] = None,
+    group_counts: Optional[aspect_groups.GroupCounts] = None) -> BoxIterator:
   """Infinite, resumable detection training batches of this process.
 
   With `data.train_fraction` < 1 the stream is of the subset's images
   (`subset_source`), taken before the stream starts, so that `start_step`
-  counts the same steps in a resumed run.
+  counts the same steps in a resumed run. With `SHORTEST_EDGE` views every
+  batch is of one aspect-ratio group, drawn per step (`aspect_groups`).
 
   Args:
     config: the detection config (seed, batch_size, data, views).
@@ -969,6 +1284,9 @@ def make_train_iterator(config: Any, *, start_step: int = 0,
     process_count: number of processes; defaults to `jax.process_count()`.
     subset: `train_subset(config)` if already drawn (it reads every
       training id); None draws it here.
+    group_counts: every process's `count_train_groups`, gathered; needed
+      with several processes when batches are grouped or
+      `data.filter_empty` is set; one process counts its own.
 
   Returns:
     A `BoxIterator` of {"image", "boxes", "labels", "valid"} (module
@@ -976,7 +1294,8 @@ def make_train_iterator(config: Any, *, start_step: int = 0,
 
   Raises:
     ValueError: bad batch size, start step or views config.
-    sources.DatasetUnavailableError: dataset missing or without boxes.
+    sources.DatasetUnavailableError: dataset missing or without boxes, or a
+      group of images that this process's shard lacks.
   """
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
@@ -986,67 +1305,190 @@ def make_train_iterator(config: Any, *, start_step: int = 0,
                                      "config.batch_size")
   spec = BoxViewSpec.from_config(config)
   subset = subset or train_subset(config)
-  if subset is None:
-    source = open_box_source(config.data, train_parts(config.data),
-                             process_index=process_index,
-                             process_count=process_count,
-                             drop_remainder=True)
-  else:
-    source = subset_source(config.data, subset, process_index=process_index,
-                           process_count=process_count)
+  source = _train_source(config, process_index, process_count, subset)
   source.check_decodable()
+  min_boxes = _min_train_boxes(config)
+  if not spec.grouped and not min_boxes:
+    ds = _train_stream(config, source, spec, process_index, batch,
+                       start_step * batch, group=None)
+    return BoxIterator(ds, batch_size=batch,
+                       num_examples=source.num_examples)
+  counts = _group_counts(
+      group_counts, lambda: count_train_groups(
+          config, process_index=process_index, process_count=process_count,
+          subset=subset), process_count)
+  meta = record_meta(config.data, train_parts(config.data))
+  if not spec.grouped:
+    # Square views, images without boxes left out: one stream of both.
+    kept = int(counts.counts[process_index].sum())
+    ds = _train_stream(
+        config, aspect_groups.group_source(source, meta, None, kept,
+                                           min_boxes=min_boxes),
+        spec, process_index, batch, start_step * batch, group=None)
+    return BoxIterator(ds, batch_size=batch, num_examples=kept)
+  key = pipeline.seed_key(config.seed, pipeline.SeedTag.DETECTION_GROUPS)
+  before = aspect_groups.steps_per_group(key, counts.share, start_step)
+  streams = {}
+  for group in counts.groups:
+    n = counts.local(process_index, group)
+    if n == 0:
+      raise sources.DatasetUnavailableError(
+          f"Process {process_index} of {process_count} has no "
+          f"{aspect_groups.GROUP_NAMES[group]} training image, while other "
+          "processes have some: every step takes each process's images of "
+          "one group, so run on fewer processes.")
+    streams[group] = _train_stream(
+        config, aspect_groups.group_source(source, meta, group, n,
+                                           min_boxes=min_boxes),
+        spec, process_index, batch, int(before[group]) * batch, group=group)
+  if len(streams) == 1:
+    (ds,) = streams.values()
+  else:
+    ds = tf.data.Dataset.choose_from_datasets(
+        [streams[g] for g in aspect_groups.GROUPS],
+        aspect_groups.step_groups(key, counts.share, start_step))
+  return BoxIterator(ds, batch_size=batch,
+                     num_examples=int(counts.counts[process_index].sum()))
+
+
+def _train_stream(config: Any, source: sources.Source, spec: BoxViewSpec,
+                  process_index: int, batch: int, start_position: int,
+                  group: Optional[int]) -> tf.data.Dataset:
+  """Batches of one source's training views, from slot `start_position`.
+
+  Args:
+    config: the detection config.
+    source: this process's records (of one group, or all).
+    spec: the view spec.
+    process_index: this process.
+    batch: this process's batch.
+    start_position: the first slot.
+    group: the aspect-ratio group of every record, which keys the order
+      and views apart; None for an ungrouped stream.
+
+  Returns:
+    The batched, prefetched stream.
+  """
   tags = pipeline.SeedTag
+  extra = () if group is None else (group,)
   stream = pipeline.slot_stream(
-      source, order_key=pipeline.seed_key(config.seed, tags.DETECTION_ORDER),
-      start_position=start_step * batch)
+      source, order_key=pipeline.seed_key(config.seed, tags.DETECTION_ORDER,
+                                          *extra),
+      start_position=start_position)
   view_key = pipeline.seed_key(config.seed, process_index,
-                               tags.DETECTION_VIEWS)
+                               tags.DETECTION_VIEWS, *extra)
+  shape_group = aspect_groups.PORTRAIT if group is None else group
 
   def make_view(example: dict[str, Any]) -> dict[str, tf.Tensor]:
     seed = pipeline.view_seed(view_key, example["position"])
-    out = train_view(example["image"], example["label"], seed, spec)
+    out = train_view(example["image"], example["label"], seed, spec,
+                     shape_group)
     out[pipeline.CORRUPT] = example[pipeline.CORRUPT]
     return out
 
   ds = stream.map(make_view, num_parallel_calls=AUTOTUNE, deterministic=True)
-  return BoxIterator(pipeline.batched(ds, batch, config), batch_size=batch,
-                     num_examples=source.num_examples)
+  return pipeline.batched(ds, batch, config)
 
 
-def make_test_iterator(config: Any, *, batch_size: int,
-                       process_index: Optional[int] = None,
-                       process_count: Optional[int] = None) -> BoxIterator:
+class GroupedBatches:
+  """The test batches of each group in turn: one `BoxIterator` after another.
+
+  Attributes:
+    parts: the iterators, in group order.
+    batch_size: examples per batch (this process's share).
+    num_batches: batches over all parts.
+  """
+
+  def __init__(self, parts: Sequence[BoxIterator]):
+    self.parts = list(parts)
+    self.batch_size = self.parts[0].batch_size
+    self.num_batches = sum(p.num_batches for p in self.parts)
+    self._current = 0
+
+  @property
+  def num_truncated(self) -> int:
+    """Boxes beyond `max_boxes` left out, over every part."""
+    return sum(p.num_truncated for p in self.parts)
+
+  @property
+  def num_corrupt(self) -> int:
+    """Corrupt records skipped, over every part."""
+    return sum(p.num_corrupt for p in self.parts)
+
+  def __iter__(self) -> "GroupedBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while self._current < len(self.parts):
+      try:
+        return next(self.parts[self._current])
+      except StopIteration:
+        self._current += 1
+    raise StopIteration
+
+
+def make_test_iterator(
+    config: Any, *, batch_size: int, process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    group_counts: Optional[aspect_groups.GroupCounts] = None
+) -> BoxIterator | GroupedBatches:
   """One pass over this process's shard of `config.data.eval_split`, padded.
+
+  With `SHORTEST_EDGE` views the pass goes group by group (landscape, then
+  portrait), each group's batches in its padded shape.
 
   Args:
     config: the detection config (data, views).
     batch_size: GLOBAL batch size, split evenly over processes.
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
+    group_counts: every process's `count_test_groups`, gathered (grouped
+      views with several processes); one process counts its own.
 
   Returns:
-    A `BoxIterator` of the test keys (module docstring); every process gets
-    the same `num_batches` (enough for the largest shard), so they stay in
-    step.
+    An iterator of the test keys (module docstring); every process gets
+    the same number of batches of each group (enough for the largest
+    shard), so they stay in step.
   """
   process_index, process_count = sources.resolve_processes(
       process_index, process_count)
   batch = pipeline.per_process_batch(batch_size, process_count)
   spec = BoxViewSpec.from_config(config)
-  source = open_box_source(
-      config.data, [(config.data.dataset, config.data.eval_split)],
-      process_index=process_index, process_count=process_count,
-      drop_remainder=False)
+  source = _test_source(config, process_index, process_count)
+  if not spec.grouped:
+    return _test_pass(config, source, spec, process_count, batch,
+                      aspect_groups.PORTRAIT)
+  counts = _group_counts(
+      group_counts, lambda: count_test_groups(
+          config, process_index=process_index, process_count=process_count),
+      process_count)
+  meta = record_meta(config.data, [(config.data.dataset,
+                                    config.data.eval_split)])
+  parts = []
+  for group in counts.groups:
+    part = aspect_groups.group_source(source, meta, group,
+                                      counts.local(process_index, group))
+    parts.append(_test_pass(
+        config, part, spec, process_count, batch, group,
+        num_batches=max(1, -(-counts.largest(group) // batch))))
+  return GroupedBatches(parts)
 
+
+def _test_pass(config: Any, source: sources.Source, spec: BoxViewSpec,
+               process_count: int, batch: int, group: int,
+               num_batches: Optional[int] = None) -> BoxIterator:
+  """A padded pass over `source` in `group`'s shape (`pipeline.padded_pass`).
+  """
   def make_view(example: dict[str, Any]) -> dict[str, tf.Tensor]:
-    out = test_view(example["image"], example["label"], spec)
+    out = test_view(example["image"], example["label"], spec, group)
     out["mask"] = tf.constant(1, tf.int32)
     return out
 
-  size, boxes = spec.image_size, spec.max_boxes
+  height, width = spec.padded_shape(group)
+  boxes = spec.max_boxes
   zero = tf.constant(0, tf.int32)
   padding = {
-      "image": tf.zeros([size, size, 3], tf.uint8),
+      "image": tf.zeros([height, width, 3], tf.uint8),
       "boxes": tf.zeros([boxes, 4], tf.float32),
       "labels": tf.fill([boxes], -1),
       "valid": tf.zeros([boxes], tf.bool),
@@ -1057,4 +1499,4 @@ def make_test_iterator(config: Any, *, batch_size: int,
   }
   return BoxIterator.of(pipeline.padded_pass(
       source, process_count, batch, make_view, padding,
-      prefetch=int(config.data.get("prefetch", 2))))
+      prefetch=int(config.data.get("prefetch", 2)), num_batches=num_batches))

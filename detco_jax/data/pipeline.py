@@ -72,6 +72,7 @@ class SeedTag(enum.IntEnum):
   DENSE_VIEWS = 6     # Dense-probe training views (image + mask).
   DETECTION_ORDER = 7  # Per-epoch record order of detection fine-tuning.
   DETECTION_VIEWS = 8  # Detection training views (scale, crop, flip).
+  DETECTION_GROUPS = 9  # The aspect-ratio group of each detection step.
 
 
 # Element key of the per-slot count of corrupt records, which the streams
@@ -468,7 +469,8 @@ def make_eval_iterator(config: Any, split: str, *, train: bool,
 
 def padded_pass(source: sources.Source, process_count: int, batch: int,
                 make_view: Any, padding: dict[str, tf.Tensor], *,
-                prefetch: int = 2) -> InputIterator:
+                prefetch: int = 2,
+                num_batches: Optional[int] = None) -> InputIterator:
   """One pass over this process's shard, padded to whole batches.
 
   Every process gets the same number of batches (enough for the largest
@@ -481,13 +483,17 @@ def padded_pass(source: sources.Source, process_count: int, batch: int,
     make_view: decoded example -> the element's features.
     padding: the features of a padding element (flagged as not real).
     prefetch: batches prefetched.
+    num_batches: the batches of every process, when the caller knows the
+      largest shard (a filtered source's split size does not tell it);
+      None: enough for `source.split_size` split evenly.
 
   Returns:
     An `InputIterator` of `num_batches` batches; each element also has the
     "corrupt" count of records dropped just before it.
   """
-  largest_shard = -(-source.split_size // process_count)
-  num_batches = max(1, -(-largest_shard // batch))
+  if num_batches is None:
+    largest_shard = -(-source.split_size // process_count)
+    num_batches = max(1, -(-largest_shard // batch))
   ds = _padded_stream(source, make_view, padding).take(num_batches * batch)
   ds = _options(ds.batch(batch, drop_remainder=True).prefetch(prefetch))
   return InputIterator(ds, batch_size=batch, num_examples=source.num_examples,

@@ -44,8 +44,9 @@ if __name__ == "__main__":
 import dataclasses
 import functools
 import io
+import itertools
 import json
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 import flax
 import jax
@@ -64,6 +65,7 @@ from detco_jax import pretrained
 from detco_jax import reporting
 from detco_jax import sharding
 from detco_jax import visualize
+from detco_jax.data import aspect_groups
 from detco_jax.data import detection as detection_data
 from detco_jax.data import sources
 from detco_jax.detection import boxes as boxes_lib
@@ -148,7 +150,10 @@ def build_model(config: ml_collections.ConfigDict,
       dtype=b.dtype, levels=tuple(m.levels), extra_levels=tuple(
           m.extra_levels), num_anchors=boxes_lib.num_anchors_per_location(
               m.scales_per_octave, tuple(m.ratios)),
-      head_channels=m.head_channels, norm=m.norm, backbone_bn=m.backbone_bn,
+      head_channels=m.head_channels, norm=m.norm,
+      num_convs=m.get("num_convs", 4), prior_prob=m.get("prior_prob", 0.01),
+      head_init_std=m.get("head_init_std", retinanet.HEAD_INIT_STD),
+      fpn_norm=m.get("fpn_norm", "none"), backbone_bn=m.backbone_bn,
       frozen_stages=m.frozen_stages)
 
 
@@ -160,30 +165,66 @@ def anchor_levels(config: ml_collections.ConfigDict,
                                    *config.model.extra_levels))
 
 
-def make_anchors(config: ml_collections.ConfigDict,
-                 stem: str) -> tuple[np.ndarray, list[int]]:
-  """The anchors of an S x S input and how many each level has.
+def padded_shapes(config: ml_collections.ConfigDict
+                  ) -> tuple[tuple[int, int], ...]:
+  """The (height, width) of every input shape a run feeds the detector.
 
   Args:
-    config: the detection config (`views.image_size`, `model`).
+    config: the detection config (`views`).
+
+  Returns:
+    One shape for square views; the landscape and the portrait shape for
+    detectron2's resize (`detection_data.BoxViewSpec.padded_shapes`).
+  """
+  return detection_data.BoxViewSpec.from_config(config).padded_shapes()
+
+
+def make_anchors(config: ml_collections.ConfigDict, stem: str,
+                 shape: tuple[int, int] | None = None
+                 ) -> tuple[np.ndarray, list[int]]:
+  """The anchors of an input shape and how many each level has.
+
+  Args:
+    config: the detection config (`views`, `model`).
     stem: the backbone's stem, which sets the levels' strides.
+    shape: the input's (height, width); None: the first of `padded_shapes`.
 
   Returns:
     (anchors [A, 4] XYXY pixels, anchors per level).
   """
-  m, size = config.model, config.views.image_size
+  m = config.model
+  shape = tuple(shape or padded_shapes(config)[0])
   levels = anchor_levels(config, stem)
   if len(m.anchor_sizes) != len(levels):
     raise ValueError(
         f"Bad config: model.anchor_sizes has {len(m.anchor_sizes)} sizes "
         f"for {len(levels)} pyramid levels (model.levels + "
         "model.extra_levels); give one base size per level.")
-  anchors = boxes_lib.anchors((size, size), levels, tuple(m.anchor_sizes),
+  anchors = boxes_lib.anchors(shape, levels, tuple(m.anchor_sizes),
                               m.scales_per_octave, tuple(m.ratios),
                               offset=m.anchor_offset)
-  per_level = boxes_lib.anchors_per_level((size, size), levels,
-                                          m.scales_per_octave, tuple(m.ratios))
+  per_level = boxes_lib.anchors_per_level(shape, levels, m.scales_per_octave,
+                                          tuple(m.ratios))
   return anchors, per_level
+
+
+Anchors = dict[tuple[int, int], tuple[np.ndarray, list[int]]]
+
+
+def anchors_by_shape(config: ml_collections.ConfigDict, stem: str) -> Anchors:
+  """`make_anchors` of every padded shape, keyed by (height, width)."""
+  return {shape: make_anchors(config, stem, shape)
+          for shape in padded_shapes(config)}
+
+
+def _anchors_of(anchors: Anchors, images: jax.Array
+                ) -> tuple[np.ndarray, list[int]]:
+  """The anchors of a batch's (static) image shape, at trace time."""
+  shape = tuple(images.shape[1:3])
+  if shape not in anchors:
+    raise ValueError(f"Images of {shape} are not one of the run's padded "
+                     f"shapes {sorted(anchors)}.")
+  return anchors[shape]
 
 
 def _images_to_steps(base_steps: int, config: ml_collections.ConfigDict
@@ -270,10 +311,13 @@ def _decay_mask(params: Any) -> Any:
 
 def make_train_step(config: ml_collections.ConfigDict,
                     model: retinanet.RetinaNet, backbone: pretrained.Backbone,
-                    anchors: np.ndarray, tx: optax.GradientTransformation,
+                    anchors: Anchors, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: jax.sharding.Mesh):
-  """The jitted `step(state, batch) -> (state, metrics)` (state donated)."""
-  anchors = jnp.asarray(anchors)
+  """The jitted `step(state, batch) -> (state, metrics)` (state donated).
+
+  One program per padded shape: the anchors are picked by the batch's
+  image shape when the step is traced.
+  """
   c = config.loss
   momentum = float(c.normalizer_momentum)
 
@@ -283,7 +327,8 @@ def make_train_step(config: ml_collections.ConfigDict,
         {"params": params, "batch_stats": state.batch_stats}, x, train=True,
         mutable=["batch_stats"])
     total, metrics = losses.retinanet_loss(
-        cls, deltas, anchors, batch["boxes"], batch["labels"],
+        cls, deltas, jnp.asarray(_anchors_of(anchors, batch["image"])[0]),
+        batch["boxes"], batch["labels"],
         batch["valid"], alpha=c.alpha, gamma=c.gamma, fg_iou=c.fg_iou,
         bg_iou=c.bg_iou, box_loss=c.box_loss,
         smooth_l1_beta=c.smooth_l1_beta,
@@ -314,24 +359,26 @@ def make_train_step(config: ml_collections.ConfigDict,
 
 def make_predict(config: ml_collections.ConfigDict,
                  model: retinanet.RetinaNet, backbone: pretrained.Backbone,
-                 anchors: np.ndarray, per_level: Sequence[int],
-                 mesh: jax.sharding.Mesh):
+                 anchors: Anchors, mesh: jax.sharding.Mesh):
   """The jitted `predict(state, images, sizes) -> detections` (static shapes).
 
   Returns:
-    A function of uint8 [B, S, S, 3] images and int [B, 2] real (height,
-    width) that returns {"boxes" [B, D, 4] XYXY, "scores", "classes",
-    "valid"} of at most `eval.max_detections` per image.
+    A function of uint8 [B, H, W, 3] images (a padded shape) and int [B, 2]
+    real (height, width) that returns {"boxes" [B, D, 4] XYXY, "scores",
+    "classes", "valid"} of at most `eval.max_detections` per image; one
+    program per padded shape.
   """
-  e, anchors = config.eval, jnp.asarray(anchors)
+  e = config.eval
 
   def predict(state, images, sizes):
+    shape_anchors, per_level = _anchors_of(anchors, images)
     x = features.preprocess(images, backbone.config.aug)
     cls, deltas = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, x,
         train=False)
     return nms.postprocess(
-        cls, deltas, anchors, tuple(per_level), image_size=sizes,
+        cls, deltas, jnp.asarray(shape_anchors), tuple(per_level),
+        image_size=sizes,
         score_threshold=e.score_threshold, topk_per_level=e.topk_per_level,
         nms_threshold=e.nms_threshold, max_detections=e.max_detections,
         clip_after_nms=e.clip_after_nms)
@@ -341,7 +388,8 @@ def make_predict(config: ml_collections.ConfigDict,
 
 
 def detect(predict, state: DetectorState, batches: Any,
-           mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+           mesh: jax.sharding.Mesh, keep_images: int = 0
+           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Detections and ground truth of a test pass, from every process.
 
   Args:
@@ -349,22 +397,30 @@ def detect(predict, state: DetectorState, batches: Any,
     state: the detector.
     batches: this process's padded test batches.
     mesh: the device mesh.
+    keep_images: how many of this process's first test images to return.
 
   Returns:
-    The test batches' keys and the detections' ("det_" + key), concatenated
-    over batches, every process's examples on every process.
+    (the test batches' keys but "image" and the detections' ("det_" +
+    key), concatenated over batches, every process's examples on every
+    process; this process's first `keep_images` images, uint8 [n, H, W,
+    3], which on process 0 are the first rows of the former).
   """
-  parts = []
+  parts, kept = [], None
   for batch in batches:
+    if kept is None:
+      kept = batch["image"][:keep_images]
     sizes = np.stack([batch["height"], batch["width"]], -1).astype(np.int32)
     out = predict(state, sharding.host_to_global(batch["image"], mesh),
                   sharding.host_to_global(sizes, mesh))
+    # Not the images: their shapes differ between groups, and gathering
+    # every test image on every process would not fit at COCO's scale.
     gathered = {k: multihost_utils.process_allgather(v, tiled=True)
-                for k, v in batch.items()}
+                for k, v in batch.items() if k != "image"}
     # The detections are replicated: each process already has all rows.
     gathered.update({f"det_{k}": np.asarray(v) for k, v in out.items()})
     parts.append(gathered)
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
+          kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,16 +429,16 @@ class Detector:
 
   Attributes:
     model: the RetinaNet.
-    anchors: [A, 4] XYXY pixels, in the order of the head's outputs.
-    per_level: anchors per pyramid level.
+    anchors: for each padded (height, width), the anchors ([A, 4] XYXY
+      pixels, in the order of the head's outputs) and their count per
+      pyramid level.
     tx: the optimiser.
     schedule: its learning-rate schedule.
     train_step: `train_step(state, batch) -> (state, metrics)`, jitted.
     predict: `predict(state, images, sizes) -> detections`, jitted.
   """
   model: retinanet.RetinaNet
-  anchors: np.ndarray
-  per_level: list[int]
+  anchors: Anchors
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   train_step: Any
@@ -403,20 +459,18 @@ def build(config: ml_collections.ConfigDict, backbone: pretrained.Backbone,
     The detector's pieces.
   """
   model = build_model(config, backbone, num_classes)
-  anchors, per_level = make_anchors(config, backbone.module.stem)
+  anchors = anchors_by_shape(config, backbone.module.stem)
   tx, schedule = build_optimizer(config)
   return Detector(
-      model=model, anchors=anchors, per_level=per_level, tx=tx,
-      schedule=schedule,
+      model=model, anchors=anchors, tx=tx, schedule=schedule,
       train_step=make_train_step(config, model, backbone, anchors, tx,
                                  schedule, mesh),
-      predict=make_predict(config, model, backbone, anchors, per_level,
-                           mesh))
+      predict=make_predict(config, model, backbone, anchors, mesh))
 
 
 def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
-                 tx: optax.GradientTransformation, anchors: np.ndarray,
-                 size: int, mesh: jax.sharding.Mesh, seed: int,
+                 tx: optax.GradientTransformation, anchors: Anchors,
+                 mesh: jax.sharding.Mesh, seed: int,
                  loss_normalizer: float | None = None) -> DetectorState:
   """A fresh detector on the backbone's variables, replicated on the mesh.
 
@@ -424,8 +478,8 @@ def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
     model: the RetinaNet.
     backbone: the pretrained (or untrained) backbone it starts from.
     tx: the optimiser.
-    anchors: the anchors, which the head's outputs must match one to one.
-    size: the input side S.
+    anchors: the anchors of each padded shape (`anchors_by_shape`), which
+      the head's outputs must match one to one.
     mesh: the device mesh.
     seed: initialisation seed of the FPN and head.
     loss_normalizer: the moving foreground count's start
@@ -434,8 +488,11 @@ def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
   Returns:
     The state at step 0; an `EmaDetectorState` if `loss_normalizer` is set.
   """
+  height, width = next(iter(anchors))
+
   def init(rng):
-    variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+    variables = model.init(rng, jnp.zeros((1, height, width, 3)),
+                           train=False)
     variables = retinanet.RetinaNet.with_backbone(variables,
                                                   backbone.variables)
     fields = (jnp.zeros((), jnp.int32), variables["params"],
@@ -446,8 +503,76 @@ def create_state(model: retinanet.RetinaNet, backbone: pretrained.Backbone,
                             jnp.asarray(loss_normalizer, jnp.float32))
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.key(seed))
-  _check_anchor_count(model, state, anchors, size)
+  for shape, (shape_anchors, _) in anchors.items():
+    _check_anchor_count(model, state, shape_anchors, shape)
   return state
+
+
+def make_measure_bn(model: retinanet.RetinaNet,
+                    backbone: pretrained.Backbone, mesh: jax.sharding.Mesh):
+  """The jitted `measure(state, images) -> batch_stats` of one batch.
+
+  The detector runs in training mode with BN momentum 0, so its running
+  statistics come back as exactly this batch's; BN layers that normalise
+  with their running statistics (frozen stages, frozen BN) return theirs
+  unchanged.
+  """
+  measuring = model.clone(bn_momentum=0.0)
+
+  def measure(state, images):
+    x = features.preprocess(images, backbone.config.aug)
+    _, updated = measuring.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, x,
+        train=True, mutable=["batch_stats"])
+    return updated["batch_stats"]
+
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(measure, in_shardings=(rep, data), out_shardings=rep)
+
+
+def precise_bn(measure, state: DetectorState, batches: Iterable[Any],
+               num_batches: int, mesh: jax.sharding.Mesh
+               ) -> tuple[DetectorState, int]:
+  """detectron2's PreciseBN: running statistics as a true batch average.
+
+  Every BN layer's running mean and variance become the mean of its batch
+  statistics over `num_batches` training batches (detectron2's
+  `update_bn_stats` with TEST.PRECISE_BN.NUM_ITER), in place of the moving
+  averages, which lag the weights of the last steps.
+
+  Args:
+    measure: from `make_measure_bn`.
+    state: the trained detector.
+    batches: this process's training batches ("image" is read).
+    num_batches: how many.
+    mesh: the device mesh.
+
+  Returns:
+    (the state with the averaged statistics, batches read).
+  """
+  mean, k = state.batch_stats, 0
+  for batch in itertools.islice(batches, num_batches):
+    stats = measure(state, sharding.host_to_global(batch["image"], mesh))
+    k += 1
+    # A running mean: statistics that never change stay exactly as they are.
+    mean = jax.tree.map(lambda m, x, k=k: m + (x - m) / k, mean, stats)
+  return state.replace(batch_stats=mean), k
+
+
+def _gather_counts(local: tuple[np.ndarray, int], what: str
+                   ) -> aspect_groups.GroupCounts:
+  """Every process's group counts, on every process, logged once."""
+  counts, left_out = local
+  gathered = np.asarray(multihost_utils.process_allgather(
+      np.append(counts, left_out))).reshape(-1, len(counts) + 1)
+  result = aspect_groups.GroupCounts(gathered[:, :-1])
+  logging.info("%s images by aspect-ratio group: %s; %d left out (no box "
+               "to train on, or a size that cannot be read).", what,
+               ", ".join(f"{aspect_groups.GROUP_NAMES[g]} "
+                         f"{int(result.totals[g])}"
+                         for g in aspect_groups.GROUPS),
+               int(gathered[:, -1].sum()))
+  return result
 
 
 def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
@@ -466,10 +591,24 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   sources.prepare_builtin(config.data)
   names = detection_data.class_names(config)
   detector = build(config, backbone, len(names), mesh)
+  spec = detection_data.BoxViewSpec.from_config(config)
 
   normalizer = initial_loss_normalizer(config)
   # Drawn once: every (re)start of the stream below trains on these images.
   subset = detection_data.train_subset(config)
+  # Counted once, over every process: which batches are of which group.
+  train_counts = test_counts = None
+  if spec.grouped or config.data.get("filter_empty", False):
+    train_counts = _gather_counts(detection_data.count_train_groups(
+        config, subset=subset), "Training")
+  if spec.grouped:
+    test_counts = _gather_counts(detection_data.count_test_groups(config),
+                                 "Test")
+  steps = total_steps(config)
+
+  def train_batches(start):
+    return detection_data.make_train_iterator(
+        config, start_step=start, subset=subset, group_counts=train_counts)
 
   def init_state(resuming):
     # A fresh detector is cheap; restored over when resuming.
@@ -477,25 +616,34 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
     if resuming:
       _check_saved_normalizer(workdir, normalizer is not None, mesh)
     return create_state(detector.model, backbone, detector.tx,
-                        detector.anchors, config.views.image_size, mesh,
-                        config.seed, normalizer)
+                        detector.anchors, mesh, config.seed, normalizer)
 
   def step(state, batch):
     batch = {k: batch[k] for k in ("image", "boxes", "labels", "valid")}
     return detector.train_step(state, sharding.host_to_global(batch, mesh))
 
   def finish(state, writer):
+    num = int(config.eval.get("precise_bn_batches", 0))
+    if num > 0:
+      # The batches that would follow the last step, as detectron2's hook
+      # reads its training loader on.
+      state, read = precise_bn(make_measure_bn(detector.model, backbone,
+                                               mesh), state,
+                               train_batches(steps), num, mesh)
+      logging.info("Precise BN: running statistics averaged over %d "
+                   "training batches.", read)
     return _evaluate(config, workdir, backbone, names, detector.predict,
-                     state, mesh, writer)
+                     state, mesh, writer, test_counts)
 
-  logging.info("Detection transfer of %s on %s: %d classes, %d anchors.",
-               backbone.source, config.data.dataset, len(names),
-               len(detector.anchors))
+  logging.info("Detection transfer of %s on %s: %d classes; inputs %s, "
+               "anchors %s.", backbone.source, config.data.dataset,
+               len(names), " and ".join(f"{h}x{w}" for h, w in
+                                        detector.anchors),
+               " and ".join(str(len(a)) for a, _ in
+                            detector.anchors.values()))
   return loop.Job(
       name="detection", workdir=workdir, init_state=init_state,
-      data=lambda start: detection_data.make_train_iterator(
-          config, start_step=start, subset=subset),
-      step=step, total_steps=total_steps(config),
+      data=train_batches, step=step, total_steps=steps,
       batch_size=config.batch_size, log_every=config.log_every,
       checkpoint_every=config.checkpoint_every,
       keep_checkpoints=config.keep_checkpoints,
@@ -594,38 +742,44 @@ def _check_saved_normalizer(workdir: str, expected: bool,
         "Resume with the run's own setting, or start a new workdir.")
 
 
-def _check_anchor_count(model, state, anchors, size: int) -> None:
+def _check_anchor_count(model, state, anchors: np.ndarray,
+                        shape: tuple[int, int]) -> None:
   """The head's outputs and the anchors must line up one to one."""
   shapes = jax.eval_shape(
       functools.partial(model.apply, train=False),
       {"params": state.params, "batch_stats": state.batch_stats},
-      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+      jax.ShapeDtypeStruct((1, *shape, 3), jnp.float32))
   if shapes[0].shape[1] != len(anchors):
     raise ValueError(
         f"The head predicts {shapes[0].shape[1]} anchors but "
         f"{len(anchors)} were made: model.levels / extra_levels do not match "
-        "the backbone's strides at views.image_size.")
+        f"the backbone's strides at the input shape {shape}.")
 
 
 def _evaluate(config, workdir, backbone, names, predict, state, mesh,
-              writer) -> dict[str, Any]:
+              writer, test_counts=None) -> dict[str, Any]:
   """Detects the test split, writes the COCO files, AP and the picture."""
   split = config.data.eval_split
   batches = detection_data.make_test_iterator(
-      config, batch_size=config.eval_batch_size)
-  out = detect(predict, state, batches, mesh)
-  gt = coco.ground_truth(out, names)
+      config, batch_size=config.eval_batch_size, group_counts=test_counts)
+  out, pictured = detect(predict, state, batches, mesh,
+                         keep_images=int(config.eval.picture_images))
+  # detectron2 scores boxes in the dataset's pixels, where COCO's small /
+  # medium / large ranges are defined; square views score in their own.
+  source_pixels = bool(config.eval.get("source_pixels", False))
+  gt = coco.ground_truth(out, names, source_pixels=source_pixels)
   real = out["mask"] > 0
-  dets = coco.detections(out["image_id"], out["det_boxes"],
-                         out["det_scores"], out["det_classes"],
-                         out["det_valid"] & real[:, None])
+  dets = coco.detections(
+      out["image_id"], out["det_boxes"], out["det_scores"],
+      out["det_classes"], out["det_valid"] & real[:, None],
+      scales=coco.source_scales(out) if source_pixels else None)
   coco.write(workdir, split, gt, dets)
   ap = coco.evaluate(gt, dets)
   step = int(state.step)
   writer.write_scalars(step, {f"detection/{k}": v for k, v in ap.items()})
   logging.info("Detection at step %d on %s: %s", step, split, ", ".join(
       f"{k} {v:.4f}" for k, v in ap.items()))
-  _write_picture(config, workdir, out, names, writer, step)
+  _write_picture(config, workdir, out, pictured, names, writer, step)
   # The training subset too: 1% and 100% runs are different experiments.
   results = dict(probe.results_header(config, backbone), steps=step,
                  train_fraction=float(config.data.get("train_fraction", 1.0)),
@@ -635,15 +789,21 @@ def _evaluate(config, workdir, backbone, names, predict, state, mesh,
   return results
 
 
-def _write_picture(config, workdir, out, names, writer, step: int) -> None:
-  """Predicted boxes (score >= eval.picture_score) beside the ground truth."""
-  n = min(int(config.eval.picture_images), int((out["mask"] > 0).sum()))
+def _write_picture(config, workdir, out, images, names, writer,
+                   step: int) -> None:
+  """Predicted boxes (score >= eval.picture_score) beside the ground truth.
+
+  `images` are the first test images of process 0 (`detect`), the first
+  rows of `out`.
+  """
+  n = min(int(config.eval.picture_images), int((out["mask"] > 0).sum()),
+          len(images))
   if n <= 0 or jax.process_index() != 0:
     return
   keep = out["det_valid"][:n] & (out["det_scores"][:n]
                                  >= config.eval.picture_score)
   panel = visualize.detections_grid(
-      out["image"][:n], names,
+      images[:n], names,
       predicted=(out["det_boxes"][:n], out["det_classes"][:n],
                  out["det_scores"][:n], keep),
       truth=(out["boxes"][:n], out["labels"][:n], out["valid"][:n]))

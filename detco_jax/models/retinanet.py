@@ -21,7 +21,7 @@ runs the ResNet with its running statistics.
 """
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,9 @@ from detco_jax.models import resnet
 
 # The backbone stages that can feed the FPN, as pyramid levels.
 BACKBONE_LEVELS = (2, 3, 4, 5)
+# Norms after the FPN's convs: none (the TF Model Garden's, detectron2's
+# default) or batch norm over the global batch (DetCo's FPN.NORM "SyncBN").
+FPN_NORMS = ("none", "bn")
 # GroupNorm groups in the head (detectron2's and the FCOS/RetinaNet GN heads').
 GN_GROUPS = 32
 # The RetinaNet submodule that holds the pretrained ResNet.
@@ -39,7 +42,7 @@ BACKBONE = "backbone"
 # detectron2's c2_xavier_fill (kaiming_uniform_ with a=1) for the FPN convs.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 # RetinaNet's head init: normal(std=0.01) weights.
-head_init = nn.initializers.normal(0.01)
+HEAD_INIT_STD = 0.01
 
 
 def _conv(features: int, kernel: int, strides: int, name: str, dtype: Any,
@@ -96,19 +99,28 @@ class FPN(nn.Module):
       5 is res5), contiguous and increasing.
     extra_levels: levels above 5: the first a 3x3/2 conv on C5, each next
       one a 3x3/2 conv on the ReLU of the previous one; () for none.
+    norm: "none", or "bn": batch norm after each lateral and output conv
+      (which then have no bias), over the global batch (detectron2's
+      FPN.NORM "SyncBN"; P6 and P7 have none, as there).
+    bn_momentum: decay of the BN running averages (Flax convention).
     dtype: compute dtype (params stay float32).
   """
   channels: int = 256
   in_levels: Sequence[int] = (3, 4, 5)
   extra_levels: Sequence[int] = (6, 7)
+  norm: str = "none"
+  bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
+  def __call__(self, features: Mapping[str, jax.Array],
+               train: bool = False) -> dict[int, jax.Array]:
     """Builds the pyramid.
 
     Args:
       features: the backbone's `{"res2": ..., "res5": ...}` maps, NHWC.
+      train: normalise with batch statistics and update the running ones
+        (norm "bn").
 
     Returns:
       `{level: [B, h, w, channels]}` for `in_levels + extra_levels`, in
@@ -119,12 +131,15 @@ class FPN(nn.Module):
         image is not a multiple of the coarsest in-level's stride).
     """
     check_levels(self.in_levels, self.extra_levels)
+    if self.norm not in FPN_NORMS:
+      raise ValueError(f"FPN norm must be one of {FPN_NORMS}, got "
+                       f"{self.norm!r}.")
     outputs = {}
     prev = None
     # Top-down: from the coarsest in-level to the finest.
     for level in reversed(tuple(self.in_levels)):
-      lateral = _conv(self.channels, 1, 1, f"fpn_lateral{level}", self.dtype,
-                      fpn_init)(features[f"res{level}"])
+      lateral = self._conv_norm(1, f"fpn_lateral{level}", train)(
+          features[f"res{level}"])
       if prev is not None:
         up = jnp.repeat(jnp.repeat(prev, 2, axis=1), 2, axis=2)
         if up.shape != lateral.shape:
@@ -135,8 +150,8 @@ class FPN(nn.Module):
               "imagenet stem).")
         lateral = lateral + up
       prev = lateral
-      outputs[level] = _conv(self.channels, 3, 1, f"fpn_output{level}",
-                             self.dtype, fpn_init)(lateral)
+      outputs[level] = self._conv_norm(3, f"fpn_output{level}", train)(
+          lateral)
     x = features["res5"]
     for i, level in enumerate(self.extra_levels):
       # P6 sees C5 itself; the levels above see the ReLU of the one below.
@@ -145,6 +160,20 @@ class FPN(nn.Module):
       outputs[level] = x
     return {level: outputs[level]
             for level in tuple(self.in_levels) + tuple(self.extra_levels)}
+
+  def _conv_norm(self, kernel: int, name: str,
+                 train: bool) -> Callable[[jax.Array], jax.Array]:
+    """A lateral or output conv, with its norm after it (detectron2's
+    `Conv2d(..., bias=norm == "", norm=...)`)."""
+    bn = self.norm == "bn"
+    conv = _conv(self.channels, kernel, 1, name, self.dtype, fpn_init,
+                 use_bias=not bn)
+    if not bn:
+      return conv
+    # groups=1: statistics of the whole (global, under jit) batch: SyncBN.
+    norm = resnet.GroupBatchNorm(groups=1, momentum=self.bn_momentum,
+                                 dtype=self.dtype, name=f"{name}_norm")
+    return lambda x: norm(conv(x), use_running_average=not train)
 
 
 class RetinaNetHead(nn.Module):
@@ -159,6 +188,8 @@ class RetinaNetHead(nn.Module):
     prior_prob: initial foreground probability of every anchor (focal loss
       paper: keeps the many background anchors from swamping the first
       steps).
+    init_std: the std of the convs' normal init (detectron2: 0.01 at 256
+      channels).
     dtype: compute dtype; the outputs are float32.
   """
   num_classes: int
@@ -167,6 +198,7 @@ class RetinaNetHead(nn.Module):
   num_convs: int = 4
   norm: str = "gn"
   prior_prob: float = 0.01
+  init_std: float = HEAD_INIT_STD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -187,6 +219,7 @@ class RetinaNetHead(nn.Module):
     a, k = self.num_anchors, self.num_classes
     # Created once and called on every level: one set of parameters.
     towers = {name: self._tower(name) for name in ("cls", "bbox")}
+    head_init = nn.initializers.normal(self.init_std)
     cls_score = _conv(a * k, 3, 1, "cls_score", self.dtype, head_init,
                       bias_init=nn.initializers.constant(bias_cls))
     bbox_pred = _conv(a * 4, 3, 1, "bbox_pred", self.dtype, head_init)
@@ -207,7 +240,7 @@ class RetinaNetHead(nn.Module):
     gn = self.norm == "gn"
     # A conv bias before GN is cancelled by GN's mean subtraction.
     return [(_conv(self.channels, 3, 1, f"{name}_conv{i}", self.dtype,
-                   head_init, use_bias=not gn),
+                   nn.initializers.normal(self.init_std), use_bias=not gn),
              nn.GroupNorm(GN_GROUPS, epsilon=1e-5, dtype=self.dtype,
                           name=f"{name}_norm{i}") if gn else None)
             for i in range(self.num_convs)]
@@ -251,6 +284,12 @@ class RetinaNet(nn.Module):
     num_anchors: anchors per location.
     head_channels: channels of the FPN maps and of the head's towers.
     norm: the head's norm, "gn" or "none".
+    num_convs: conv blocks per head tower.
+    prior_prob: the head's initial foreground probability.
+    head_init_std: the std of the head convs' normal init.
+    fpn_norm: the FPN's norm, "none" or "bn" (`FPN.norm`).
+    bn_momentum: decay of the BN running averages, the backbone's and the
+      FPN's (0.0 leaves a training pass's batch statistics: precise BN).
     backbone_bn: "sync": in training the ResNet's BN uses batch statistics
       (global-batch ones: the ResNet runs with bn_groups=1, so under jit over
       a mesh the reduction spans all devices) and updates its running
@@ -273,6 +312,11 @@ class RetinaNet(nn.Module):
   num_anchors: int = 9
   head_channels: int = 256
   norm: str = "gn"
+  num_convs: int = 4
+  prior_prob: float = 0.01
+  head_init_std: float = HEAD_INIT_STD
+  fpn_norm: str = "none"
+  bn_momentum: float = 0.9
   backbone_bn: str = "sync"
   frozen_stages: int = 0
 
@@ -300,6 +344,7 @@ class RetinaNet(nn.Module):
     levels = check_levels(self.levels, self.extra_levels)
     backbone = resnet.ResNet(depth=self.depth, width=self.width,
                              stem=self.stem, bn_groups=1, dtype=self.dtype,
+                             bn_momentum=self.bn_momentum,
                              frozen_bn_stages=self.frozen_stages,
                              name=BACKBONE)
     # The ResNet reads its params through this map, so freezing changes no
@@ -311,10 +356,13 @@ class RetinaNet(nn.Module):
         init=self.is_initializing())
     maps = apply(backbone, images, train and self.backbone_bn == "sync")
     pyramid = FPN(self.head_channels, self.levels, self.extra_levels,
-                  self.dtype, name="fpn")(maps)
+                  norm=self.fpn_norm, bn_momentum=self.bn_momentum,
+                  dtype=self.dtype, name="fpn")(maps, train)
     head = RetinaNetHead(self.num_classes, self.num_anchors,
-                         self.head_channels, norm=self.norm, dtype=self.dtype,
-                         name="head")
+                         self.head_channels, num_convs=self.num_convs,
+                         norm=self.norm, prior_prob=self.prior_prob,
+                         init_std=self.head_init_std,
+                         dtype=self.dtype, name="head")
     return head([pyramid[level] for level in levels])
 
   def _stop_frozen_gradients(self, variables: dict[str, Any]) -> dict[str, Any]:
