@@ -23,8 +23,9 @@ keeps what it measured.
                  rate here and on 8 such devices.
   3. detection   the RetinaNet R50-FPN fine-tuning step of
                  `python -m detco_jax.benchmark.detection_step` at the
-                 detection config's 1024 px, 2 images per device
-                 (detectron2's 16 on 8): images/s and memory.
+                 detection config's landscape shape (800 x 1344), 2
+                 images per device (detectron2's 16 on 8): images/s and
+                 memory.
   4. pipeline    the host input pipeline of
                  `python -m detco_jax.benchmark.input_pipeline` on all host
                  cores and on one, ImageNet-size JPEGs written on the fly,

@@ -16,7 +16,20 @@ Datasets (`config.data.dataset`), each read through a feature layout
     train / validation / test: VOC's "trainval" is "train+validation".
 
 Boxes are read as TFDS stores them (normalised [ymin, xmin, ymax, xmax],
-pixel-edge convention) and come out as XYXY pixels of the S x S output.
+pixel-edge convention) and come out as XYXY pixels of the output image.
+
+Two ways to resize (`views.resize`, `BoxViewSpec`):
+
+  * "shortest_edge" (the default config's, detectron2's): training draws
+    the shorter side from `views.min_sizes` (the longer at most
+    `views.max_size`), flips with `views.flip_prob`, and tests at
+    `views.test_min_size`; the image sits at the top left of its
+    aspect-ratio group's padded shape (H x W: 800 x 1344 landscape, 1344 x
+    800 portrait at DetCo's settings), and every batch is of one group
+    (`aspect_groups`). With `data.filter_empty`, images without a box that
+    trains are left out of training, as detectron2 does.
+  * "longest_edge" (`:square`, the TF Model Garden's): square S x S views,
+    described below.
 
 Training on several datasets (the paper's VOC07+12): `config.data.
 train_sources`, a sequence of (dataset, split) pairs, replaces (dataset,
@@ -29,8 +42,9 @@ parts interleaved in an order drawn per epoch (not one after the other).
 Streams (numpy batches of this process's share b of the global batch; G =
 `config.data.max_boxes`):
 
-  * `make_train_iterator`: infinite, resumable. Per example: horizontal flip
-    (probability `views.flip_prob`), then multi-scale jitter: the image is
+  * `make_train_iterator`: infinite, resumable. Square views, per example:
+    horizontal flip (probability `views.flip_prob`), then multi-scale
+    jitter: the image is
     resized (bilinear) so that its LONGER side is S * u, u ~ U(
     `views.scale_range`), then cut at a uniformly drawn offset to S x S where
     larger and padded bottom/right with `views.pad_value` where smaller (TF
@@ -39,21 +53,23 @@ Streams (numpy batches of this process's share b of the global batch; G =
     height is below `views.min_box_size` pixels; COCO crowd boxes are
     dropped too (VOC difficult boxes are kept, as detectron2 trains on
     them). Keys:
-      "image"  uint8 [b, S, S, 3];
+      "image"  uint8 [b, H, W, 3] (H = W = S for square views);
       "boxes"  float32 [b, G, 4] XYXY (x1, y1, x2, y2) in pixels of the
                output image, 0 for padding;
       "labels" int32 [b, G] class ids in [0, K), -1 for padding;
       "valid"  bool [b, G], the kept boxes first, then padding (False).
   * `make_test_iterator`: one pass over this process's shard of
     `config.data.eval_split`, padded to whole batches (`pipeline.
-    padded_pass`). Per example: the longer side resized to exactly S, padded
-    bottom/right to S x S; every box is kept (the ground truth of AP).
+    padded_pass`), group by group for "shortest_edge" views. Per example:
+    the shorter side to `views.test_min_size` (or, for square views, the
+    longer side to exactly S), padded bottom/right to the padded shape;
+    every box is kept (the ground truth of AP).
     Keys: the four above, plus
       "crowd"  bool [b, G] boxes that AP ignores (COCO is_crowd, VOC
                difficult), written as `iscrowd` 1 by `eval.coco`;
       "image_id" int64 [b] the dataset's image id, -1 for padding;
       "mask"   int32 [b] 1 real example, 0 padding (image 0, no boxes);
-      "height", "width" int32 [b] the real (unpadded) image inside the S x S
+      "height", "width" int32 [b] the real (unpadded) image inside the
                output: pixels [0, height) x [0, width);
       "source_height", "source_width" int32 [b] the decoded image's size,
                to map boxes back to the dataset's pixels.
@@ -61,7 +77,8 @@ Streams (numpy batches of this process's share b of the global batch; G =
 Boxes beyond G (after dropping) are cut, in stored order; the iterator counts
 them (`BoxIterator.num_truncated`) and strips the count from the batches,
 like `num_corrupt`. COCO has at most 93 boxes in an image, so G = 100 keeps
-all of them. Images without boxes stay in the stream (all padding).
+all of them. Without `data.filter_empty`, images without boxes stay in the
+stream (all padding).
 
 Seeds and resume follow `pipeline`: the record order of epoch e comes from
 (seed_key(config.seed, SeedTag.DETECTION_ORDER), e); slot p of process i

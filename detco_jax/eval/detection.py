@@ -15,8 +15,8 @@ like every job. Everything has static shapes, NMS included, so it runs on
 TPUs as well as GPUs.
 
 At the end the test split is detected once: the job writes
-`DIR/detections_<split>.json` (COCO results format, boxes in pixels of the
-evaluated S x S image) and `DIR/ground_truth_<split>.json` (COCO annotation
+`DIR/detections_<split>.json` (COCO results format, boxes in the dataset's
+pixels, or the evaluated image's with `eval.source_pixels` False) and `DIR/ground_truth_<split>.json` (COCO annotation
 format), computes AP, AP50, AP75, APs, APm and APl from them with
 pycocotools, and writes those with the step and the backbone's source to
 `DIR/detection_results.json`, TensorBoard and the log, with a picture of a

@@ -1,10 +1,12 @@
-"""RetinaNet (ResNet + FPN + shared GN heads) for detection transfer.
+"""RetinaNet (ResNet + FPN + shared heads) for detection transfer.
 
 The layout follows detectron2's RetinaNet so that a fine-tuned model reads
 like one: the FPN has a 1x1 lateral and a 3x3 output conv per backbone level
 and a nearest-neighbour x2 top-down path, P6 is a 3x3/2 conv on C5 (the res5
 map, not P5) and P7 a 3x3/2 conv on relu(P6); one head, shared by every
-level, has a classification and a box tower of 3x3 convs.
+level, has a classification and a box tower of 3x3 convs. Norms are
+options: SyncBN after the FPN's lateral and output convs (DetCo's FPN.NORM),
+and GroupNorm or none in the head's towers (detectron2: none).
 
 Pyramid level `l` is backbone stage `res{l}` (stride 2^l with the imagenet
 stem), so small images can use levels 2..5 instead of RetinaNet's 3..7. The
