@@ -415,3 +415,31 @@ def test_the_job_trains_both_groups_resumes_and_scores_source_pixels(
   gt = json.loads(gt_path.read_text())
   sizes = {(im["height"], im["width"]) for im in gt["images"]}
   assert sizes == set(DetcoTestBoxes.SHAPES)
+
+
+def test_unreadable_images_are_left_out_of_both_groups_and_counted():
+  def png(h, w):
+    return tf.io.encode_png(tf.zeros([h, w, 3], tf.uint8)).numpy()
+
+  def jpeg(h, w):
+    return tf.io.encode_jpeg(tf.zeros([h, w, 3], tf.uint8)).numpy()
+
+  encoded = [jpeg(20, 30), png(30, 20), b"not an image", jpeg(25, 25),
+             jpeg(10, 40)[:40]]  # The last: a truncated header.
+  source = detection_data.sources.Source(
+      name="fake", split="train", num_examples=len(encoded),
+      split_size=len(encoded), num_classes=1, process_index=0,
+      process_count=1,
+      _records=lambda seed: tf.data.Dataset.from_tensor_slices(encoded),
+      _decode=lambda r: {})
+
+  def meta(record):
+    size = aspect_groups.encoded_image_size(record)
+    return {"height": size[0], "width": size[1], "boxes": tf.constant(1)}
+
+  counts, left_out = aspect_groups.count_groups(source, meta)
+  assert counts.tolist() == [1, 2] and left_out == 2
+  portrait = aspect_groups.group_source(source, meta, aspect_groups.PORTRAIT,
+                                        2)
+  kept = list(portrait.records(None).as_numpy_iterator())
+  assert kept == [encoded[1], encoded[3]]
