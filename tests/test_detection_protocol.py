@@ -231,6 +231,14 @@ def test_train_batches_are_one_group_and_resume_exactly(protocol_boxes):
       np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_no_trainable_image_is_one_clear_error(protocol_boxes):
+  none = aspect_groups.GroupCounts(np.zeros((1, 2), np.int64))
+  with pytest.raises(detection_data.sources.DatasetUnavailableError,
+                     match="No training image .* has a box to train on"):
+    detection_data.make_train_iterator(protocol_boxes, process_index=0,
+                                       process_count=1, group_counts=none)
+
+
 def test_step_groups_follow_the_share_across_blocks():
   key = 12345
   assert set(aspect_groups.step_groups(key, 0.0, 0).take(50)

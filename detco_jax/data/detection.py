@@ -1343,6 +1343,11 @@ def make_train_iterator(
                                            min_boxes=min_boxes),
         spec, process_index, batch, start_step * batch, group=None)
     return BoxIterator(ds, batch_size=batch, num_examples=kept)
+  if not counts.groups:
+    raise sources.DatasetUnavailableError(
+        f"No training image of {source.name!r} has a box to train on (and a "
+        "readable size): check the dataset, or set "
+        "config.data.filter_empty=False.")
   key = pipeline.seed_key(config.seed, pipeline.SeedTag.DETECTION_GROUPS)
   before = aspect_groups.steps_per_group(key, counts.share, start_step)
   streams = {}
