@@ -1192,9 +1192,26 @@ def test_view(image: tf.Tensor, objects: dict[str, tf.Tensor],
 # Streams.
 
 
-def _train_source(config: Any, process_index: int, process_count: int,
-                  subset: Optional[TrainSubset]) -> sources.Source:
-  """This process's training shard: of the whole split, or of the subset."""
+def train_source(config: Any, *, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None,
+                 subset: Optional[TrainSubset] = None) -> sources.Source:
+  """This process's training shard: of the whole split, or of the subset.
+
+  A subset's shard reads the whole training split to pick its records, so
+  a job opens it once and hands it to `count_train_groups` and every
+  `make_train_iterator`.
+
+  Args:
+    config: the detection config.
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+    subset: the run's `train_subset`, if any.
+
+  Returns:
+    The shard.
+  """
+  process_index, process_count = sources.resolve_processes(
+      process_index, process_count)
   if subset is None:
     return open_box_source(config.data, train_parts(config.data),
                            process_index=process_index,
@@ -1222,7 +1239,8 @@ def _test_source(config: Any, process_index: int,
 
 def count_train_groups(config: Any, *, process_index: Optional[int] = None,
                        process_count: Optional[int] = None,
-                       subset: Optional[TrainSubset] = None
+                       subset: Optional[TrainSubset] = None,
+                       source: Optional[sources.Source] = None
                        ) -> tuple[np.ndarray, int]:
   """The training images of each aspect-ratio group in this process's shard.
 
@@ -1234,13 +1252,13 @@ def count_train_groups(config: Any, *, process_index: Optional[int] = None,
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
     subset: the run's `train_subset`, if any.
+    source: `train_source(config, ...)` if already open.
 
   Returns:
     (int64 [2] (landscape, portrait) images, records left out).
   """
-  process_index, process_count = sources.resolve_processes(
-      process_index, process_count)
-  source = _train_source(config, process_index, process_count, subset)
+  source = source or train_source(config, process_index=process_index,
+                                  process_count=process_count, subset=subset)
   return aspect_groups.count_groups(
       source, record_meta(config.data, train_parts(config.data)),
       min_boxes=_min_train_boxes(config))
@@ -1286,7 +1304,8 @@ def make_train_iterator(
     config: Any, *, start_step: int = 0, process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     subset: Optional[TrainSubset] = None,
-    group_counts: Optional[aspect_groups.GroupCounts] = None) -> BoxIterator:
+    group_counts: Optional[aspect_groups.GroupCounts] = None,
+    source: Optional[sources.Source] = None) -> BoxIterator:
   """Infinite, resumable detection training batches of this process.
 
   With `data.train_fraction` < 1 the stream is of the subset's images
@@ -1304,6 +1323,7 @@ def make_train_iterator(
     group_counts: every process's `count_train_groups`, gathered; needed
       with several processes when batches are grouped or
       `data.filter_empty` is set; one process counts its own.
+    source: `train_source(config, ...)` if already open (of `subset`).
 
   Returns:
     A `BoxIterator` of {"image", "boxes", "labels", "valid"} (module
@@ -1322,7 +1342,8 @@ def make_train_iterator(
                                      "config.batch_size")
   spec = BoxViewSpec.from_config(config)
   subset = subset or train_subset(config)
-  source = _train_source(config, process_index, process_count, subset)
+  source = source or train_source(config, process_index=process_index,
+                                  process_count=process_count, subset=subset)
   source.check_decodable()
   min_boxes = _min_train_boxes(config)
   if not spec.grouped and not min_boxes:
@@ -1331,9 +1352,8 @@ def make_train_iterator(
     return BoxIterator(ds, batch_size=batch,
                        num_examples=source.num_examples)
   counts = _group_counts(
-      group_counts, lambda: count_train_groups(
-          config, process_index=process_index, process_count=process_count,
-          subset=subset), process_count)
+      group_counts, lambda: count_train_groups(config, source=source),
+      process_count)
   meta = record_meta(config.data, train_parts(config.data))
   if not spec.grouped:
     # Square views, images without boxes left out: one stream of both.

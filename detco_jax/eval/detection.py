@@ -597,10 +597,12 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
   # Drawn once: every (re)start of the stream below trains on these images.
   subset = detection_data.train_subset(config)
   # Counted once, over every process: which batches are of which group.
+  # Opened once: a subset's shard reads the whole split to pick its images.
+  train_source = detection_data.train_source(config, subset=subset)
   train_counts = test_counts = None
   if spec.grouped or config.data.get("filter_empty", False):
     train_counts = _gather_counts(detection_data.count_train_groups(
-        config, subset=subset), "Training")
+        config, source=train_source), "Training")
   if spec.grouped:
     test_counts = _gather_counts(detection_data.count_test_groups(config),
                                  "Test")
@@ -608,7 +610,8 @@ def job(config: ml_collections.ConfigDict, workdir: str) -> loop.Job:
 
   def train_batches(start):
     return detection_data.make_train_iterator(
-        config, start_step=start, subset=subset, group_counts=train_counts)
+        config, start_step=start, subset=subset, group_counts=train_counts,
+        source=train_source)
 
   def init_state(resuming):
     # A fresh detector is cheap; restored over when resuming.
