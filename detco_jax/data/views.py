@@ -20,17 +20,19 @@ the shorter side, then centre crop, for testing).
 
 Speed: the image is decoded once upstream and all views are cut from the
 decoded tensor. A global view is a slice + `tf.image.resize` (bilinear,
-half-pixel centres, about 2.5x cheaper per output pixel than
-`crop_and_resize`) + flip. The 2 x 9 jigsaw patches are ONE
-`tf.image.crop_and_resize` call on 18 boxes whose sample points are exactly
-those of the resized (and flipped) jigsaw crop at the patch's pixels, so the
-`local_size`^2 image is never materialised. The jigsaw resize maps the crop's
-first and last pixel onto the first and last output pixel ("align corners"),
-which keeps every sample inside the image. Either way a crop resized to its
-own size is an exact pixel copy. Resampling is bilinear without antialiasing,
-as in big_vision and most TF pipelines (torchvision's PIL resize
-antialiases; `views.antialias` turns it on for the global views); the
-probe's test view antialiases, as torchvision's does.
+half-pixel centres) + flip. A jigsaw set is the jigsaw crop resized to
+`local_size`^2 "align corners" (the crop's first and last pixel onto the
+first and last output pixel, which keeps every sample inside the image),
+rounded to uint8, flipped, and sliced into its 9 patches: one resize of the
+crop costs less than resampling the 9 patches on their own with
+`crop_and_resize` (its per-pixel cost is about 2.5x the resize's). Either
+way a crop resized to its own size is an exact pixel copy. Resampling is
+bilinear without antialiasing, as in big_vision and most TF pipelines
+(torchvision's PIL resize antialiases; `views.antialias` turns it on for
+the global views); the probe's test view antialiases, as torchvision's
+does. Bilinear weights are non-negative and sum to one, so a resampled
+pixel stays in [0, 255] and rounds to uint8 with a plain cast
+(`_round_to_uint8`), which costs a third of a saturating one.
 
 Randomness is stateless: every draw is a `tf.random.stateless_*` op of a
 per-example seed (a [2] int64 tensor), so a view depends only on the image and
@@ -254,7 +256,7 @@ def _resample(image: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
   crops = tf.image.crop_and_resize(
       image[None], boxes, tf.zeros([tf.shape(boxes)[0]], tf.int32),
       [size, size], method="bilinear")
-  return _to_uint8(crops)
+  return _round_to_uint8(crops)
 
 
 # ----------------------------------------------------------------------------
@@ -276,14 +278,25 @@ def crop_resize_flip(image: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor,
     uint8 [size, size, 3].
   """
   window = image[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]]
-  view = _to_uint8(tf.image.resize(window, [size, size], method="bilinear",
-                                   antialias=antialias))
+  view = _round_to_uint8(tf.image.resize(
+      window, [size, size], method="bilinear", antialias=antialias))
   return tf.cond(flip, lambda: tf.reverse(view, axis=[1]), lambda: view)
 
 
 def _to_uint8(x: tf.Tensor) -> tf.Tensor:
   """Rounds float pixels to uint8, saturating at 0 and 255."""
   return tf.saturate_cast(x + 0.5, tf.uint8)
+
+
+def _round_to_uint8(x: tf.Tensor) -> tf.Tensor:
+  """Rounds resampled pixels in [0, 255] to uint8, as `_to_uint8` does.
+
+  For bilinear and triangle (antialiased bilinear) resampling of uint8
+  pixels: their weights are non-negative and sum to one, so x lies in
+  [0, 255] up to float error, x + 0.5 in [0, 256), and truncation equals
+  `_to_uint8`'s rounding without its clipping pass.
+  """
+  return tf.cast(x + 0.5, tf.uint8)
 
 
 def global_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
@@ -388,6 +401,29 @@ def jigsaw_boxes(seed: tf.Tensor, image_shape: tf.Tensor, spec: ViewSpec,
   Returns:
     float32 [num_sets, grid^2, 4] normalised boxes.
   """
+  crops, flips, rows, cols = _jigsaw_layout(seed, image_shape, spec,
+                                            num_sets, perm)
+  return boxes_in_crop(crops, flips, rows, cols, spec.patch_size,
+                       spec.local_size, image_shape)
+
+
+def _jigsaw_layout(seed: tf.Tensor, image_shape: tf.Tensor, spec: ViewSpec,
+                   num_sets: int, perm: tf.Tensor | None
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The jigsaw crops, their flips, and where each patch starts in them.
+
+  Args:
+    seed: [2] int stateless seed of this example's jigsaw sets.
+    image_shape: (height, width, ...) of the image.
+    spec: view geometry.
+    num_sets: number of patch sets.
+    perm: int32 [num_sets, grid^2] or None (random), see `jigsaw_boxes`.
+
+  Returns:
+    (crops float32 [S, 4] (top, left, height, width), flips bool [S],
+    rows, cols float32 [S, grid^2]: the first pixel of each output patch
+    in the resized, flipped crop).
+  """
   crops, flips = local_crops(seed, image_shape, spec, num_sets)
   g, cell, patch = spec.grid, spec.cell_size, spec.patch_size
   if perm is None:
@@ -397,11 +433,9 @@ def jigsaw_boxes(seed: tf.Tensor, image_shape: tf.Tensor, spec: ViewSpec,
   # Offsets of the patch inside its cell, uniform in [0, cell - patch].
   offsets = tf.floor((cell - patch + 1) * tf.random.stateless_uniform(
       [num_sets, g * g, 2], _sub_seed(seed, _OFFSET_SEED)))
-  # First pixel (row, column) of each patch in the resized, flipped crop.
-  row = tf.cast(perm // g * cell, tf.float32) + offsets[..., 0]
-  col = tf.cast(perm % g * cell, tf.float32) + offsets[..., 1]
-  return boxes_in_crop(crops, flips, row, col, patch, spec.local_size,
-                       image_shape)
+  rows = tf.cast(perm // g * cell, tf.float32) + offsets[..., 0]
+  cols = tf.cast(perm % g * cell, tf.float32) + offsets[..., 1]
+  return crops, flips, rows, cols
 
 
 def resample_patches(image: tf.Tensor, boxes: tf.Tensor,
@@ -426,6 +460,10 @@ def jigsaw_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
                  ) -> tf.Tensor:
   """The jigsaw patch sets.
 
+  The pixels are those of `resample_patches(image, jigsaw_boxes(...))`
+  (within float rounding: a pixel may differ by one grey level), made by
+  resizing each jigsaw crop once and slicing it (module docstring).
+
   Args:
     image: uint8 [H, W, 3].
     seed: [2] int stateless seed of this example's jigsaw sets.
@@ -437,8 +475,24 @@ def jigsaw_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
     uint8 [num_sets, grid^2, patch_size, patch_size, 3], patches in shuffled
     order.
   """
-  boxes = jigsaw_boxes(seed, tf.shape(image), spec, num_sets, perm)
-  return resample_patches(image, boxes, spec.patch_size)
+  crops, flips, rows, cols = _jigsaw_layout(seed, tf.shape(image), spec,
+                                            num_sets, perm)
+  crops = tf.cast(crops, tf.int32)
+  rows, cols = tf.cast(rows, tf.int32), tf.cast(cols, tf.int32)
+  side, patch = spec.local_size, spec.patch_size
+  sets = []
+  for s in range(num_sets):
+    top, left, height, width = (crops[s, i] for i in range(4))
+    window = image[top:top + height, left:left + width]
+    local = _round_to_uint8(tf.raw_ops.ResizeBilinear(
+        images=window[None], size=[side, side], align_corners=True)[0])
+    local = tf.cond(flips[s], lambda v=local: tf.reverse(v, axis=[1]),
+                    lambda v=local: v)
+    sets.append(tf.stack([
+        local[rows[s, k]:rows[s, k] + patch, cols[s, k]:cols[s, k] + patch]
+        for k in range(spec.num_patches)]))
+  return tf.ensure_shape(tf.stack(sets),
+                         [num_sets, spec.num_patches, patch, patch, 3])
 
 
 def detco_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
