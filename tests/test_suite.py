@@ -141,6 +141,32 @@ def test_throughput_figures_are_200_imagenet_epochs_in_hours():
       samples / 4000.0 / 3600)
 
 
+def test_pipeline_rows_say_the_cores_the_need_takes_and_the_cores_here():
+  # 1,000 samples/s needed; 239 per core on one thread: 1000 / 239 = 4.18,
+  # so 5 cores (ceil, not round); all 16 cores give 2,000 samples/s.
+  part = report_lib.Part("pipeline", "4. P")
+  for threads, rate, one_thread in (("all", 2000.0, False),
+                                    ("1", 239.0, True)):
+    part.add({"threads": threads},
+             {"samples_per_s": rate, "cores": 16, "usable_cores": 8,
+              **suite.need_figures(1000.0, rate, one_thread)}, "python -m x")
+  everything, one = (r.figures for r in part.rows)
+  assert one["cores_needed"] == 5 and "cores_needed" not in everything
+  assert everything["supply_to_need_ratio"] == pytest.approx(2.0)
+  lines = suite.render_pipeline(part)
+  assert lines[0].endswith("| cores needed | cores here |")
+  assert lines[2].endswith("| 1e+03 | 2 | - | 16 (8 usable) |")
+  assert lines[3].endswith("| 1e+03 | 0.239 | 5 | 16 (8 usable) |")
+  # An exact multiple takes no extra core; no step timed: no need figures.
+  assert suite.need_figures(956.0, 239.0, True)["cores_needed"] == 4
+  assert suite.need_figures(None, 239.0, True) == {}
+  # All cores usable: the count alone.
+  part.rows[1].figures["usable_cores"] = 16.0
+  assert suite.render_pipeline(part)[3].endswith("| 5 | 16 |")
+  cores, usable = suite.host_cores()
+  assert cores == os.cpu_count() and 1 <= usable <= cores
+
+
 def test_every_figure_name_has_a_unit_and_unknown_names_fail():
   for name, want in [("step_s", "s"), ("memory_temp_bytes", "bytes"),
                      ("peak_flops_per_s", "FLOP/s"), ("mfu", None),
@@ -335,6 +361,8 @@ def test_smoke_run_measures_every_figure(tmp_path, builtin_data_dir):
     assert_figures(row, PIPELINE_FIGURES)
   assert_figures(rows("pipeline", threads="all")[0],
                  ("needed_samples_per_s", "supply_to_need_ratio"))
+  assert_figures(rows("pipeline", threads="1")[0],
+                 ("needed_samples_per_s", "cores_needed", "usable_cores"))
   epochs = suite.SMOKE.max_epochs
   [calibration] = rows("curve", run="calibration")
   assert_figures(calibration, ("step_s", "startup_s", "knn_s",

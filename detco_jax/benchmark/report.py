@@ -42,6 +42,8 @@ _UNITS = {
     "step_s_min": "s",
     "step_s_max": "s",
     "cores": "host cores",
+    "usable_cores": "host cores",
+    "cores_needed": "host cores",
     "jpegs": "files",
 }
 # (suffix, unit), first match wins.

@@ -29,7 +29,9 @@ keeps what it measured.
   4. pipeline    the host input pipeline of
                  `python -m detco_jax.benchmark.input_pipeline` on all host
                  cores and on one, ImageNet-size JPEGs written on the fly,
-                 against the samples/s part 2's best DetCo row consumes.
+                 against the samples/s part 2's best DetCo row consumes,
+                 and the cores that takes at the one-thread rate beside
+                 the host's.
   5. curve       the demo's network and data (`configs/detco.py:demo`),
                  DetCo and MoCo v2 for as many epochs as the time left
                  allows (the same for both), the kNN monitor every epoch, a
@@ -59,6 +61,7 @@ from detco_jax import cli  # First: it quiets TensorFlow's import.
 
 # pylint: disable=g-import-not-at-top,wrong-import-order
 import dataclasses
+import math
 import os
 import shlex
 import shutil
@@ -652,12 +655,17 @@ def part_pipeline(ctx: Context, part: Part) -> None:
   # Imported here: it imports TensorFlow.
   from detco_jax.benchmark import input_pipeline  # pylint: disable=g-import-not-at-top
   sizes = ctx.sizes
-  cores = os.cpu_count() or 1
+  cores, usable = host_cores()
+  need = _needed(ctx, part)
   samples = (sizes.pipeline_warmup + sizes.windows * sizes.window_batches
              ) * sizes.pipeline_batch
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    input_pipeline.write_jpegs(tmp, sizes.jpegs)
+    try:
+      input_pipeline.write_jpegs(tmp, sizes.jpegs)
+    except ImportError as e:  # No scikit-image: no photographs to time.
+      part.skip("all", str(e))
+      return
     write_s = time.perf_counter() - start
     config = input_pipeline.imagenet_config(tmp, sizes.pipeline_batch)
     # Before any rate is known: 50 samples/s per core, half the pipeline's
@@ -678,28 +686,51 @@ def part_pipeline(ctx: Context, part: Part) -> None:
                  "samples_per_s_per_core": r["wall"] if one_thread
                                            else r["wall"] / cores,
                  "samples_per_cpu_s": r["cpu"], "cores": cores,
+                 "usable_cores": usable,
                  "jpegs": sizes.jpegs, "write_jpegs_s": write_s}
       if not one_thread:
         rate = r["wall"]
-        figures.update(_need_figures(ctx, part, r["wall"]))
+      figures.update(need_figures(need, r["wall"], one_thread))
       part.add({"threads": threads}, figures, pipeline_command(sizes))
       ctx.write()
 
 
-def _need_figures(ctx: Context, part: Part, rate: float) -> dict[str, float]:
-  """What part 2's fastest DetCo row consumes per host, and rate / that.
+def host_cores() -> tuple[int, int]:
+  """The host's logical CPUs, and those this process may run on.
+
+  Returns:
+    (os.cpu_count(), the size of this process's CPU affinity set); the
+    second is the first where the platform has no affinity call.
+  """
+  cores = os.cpu_count() or 1
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:  # No affinity call (macOS).
+    usable = cores
+  return cores, usable
+
+
+def _needed(ctx: Context, part: Part) -> float | None:
+  """What part 2's fastest DetCo row consumes per host, in samples/s.
 
   The pipeline measured is DetCo's (views and patches); without a timed
   DetCo row, the fastest row of another method stands in, and is said to.
+
+  Args:
+    ctx: the suite's context (part 2's fastest rows).
+    part: part 4, whose notes say where the figure comes from.
+
+  Returns:
+    The row's samples/s per device times this host's devices; None if
+    part 2 timed no step.
   """
   if not ctx.fastest:
     part.notes.append("No step was timed in part 2: no need to compare the "
                       "pipeline with.")
-    return {}
+    return None
   method = "DetCo" if "DetCo" in ctx.fastest else max(
       ctx.fastest, key=lambda m: ctx.fastest[m][0])
   per_device, labels = ctx.fastest[method]
-  need = per_device * jax.local_device_count()
   part.notes.append(
       "Needed: part 2's fastest " + method + " row ("
       + ", ".join(f"{k} {v}" for k, v in labels.items())
@@ -710,23 +741,66 @@ def _need_figures(ctx: Context, part: Part, rate: float) -> dict[str, float]:
          "images per sample")
       + ("; in smoke mode part 2's sizes differ, so the ratio is no "
          "evidence." if ctx.sizes is SMOKE else "."))
-  return {"needed_samples_per_s": need, "supply_to_need_ratio": rate / need}
+  return per_device * jax.local_device_count()
+
+
+def need_figures(need: float | None, rate: float,
+                 one_thread: bool) -> dict[str, float]:
+  """A pipeline row's samples/s against what the host's devices consume.
+
+  Args:
+    need: samples/s part 2's step consumes on this host (None: no step
+      was timed).
+    rate: the row's samples/s.
+    one_thread: whether the row ran tf.data on one thread, so that `rate`
+      is the per-core rate.
+
+  Returns:
+    {} without a need; else needed_samples_per_s and supply_to_need_ratio
+    (rate / need) and, on the one-thread row, cores_needed: the cores the
+    need takes at that row's per-core rate, ceil(need / rate).
+  """
+  if need is None:
+    return {}
+  figures = {"needed_samples_per_s": need,
+             "supply_to_need_ratio": rate / need}
+  if one_thread:
+    figures["cores_needed"] = math.ceil(need / rate)
+  return figures
+
+
+def _cores_here(figures: dict[str, float]) -> str | None:
+  """The host's cores, and in brackets those usable where fewer."""
+  if "cores" not in figures:
+    return None
+  cores, usable = figures["cores"], figures.get("usable_cores")
+  return f"{cores:.0f}" + ("" if usable in (None, cores)
+                           else f" ({usable:.0f} usable)")
 
 
 def render_pipeline(part: Part) -> list[str]:
   return report_lib.table(
       ["threads", "samples/s", "per core", "per CPU-second", "needed",
-       "supply / need"],
+       "supply / need", "cores needed", "cores here"],
       [[r.labels["threads"], r.figures.get("samples_per_s"),
         r.figures.get("samples_per_s_per_core"),
         r.figures.get("samples_per_cpu_s"),
         r.figures.get("needed_samples_per_s"),
-        r.figures.get("supply_to_need_ratio")] for r in part.rows]) + [
+        r.figures.get("supply_to_need_ratio"),
+        _count(r.figures.get("cores_needed")),
+        _cores_here(r.figures)] for r in part.rows]) + [
             "", "DetCo samples (2 global views + 2 x 9 jigsaw patches) "
             "per second through the real host pipeline "
             "(`make_pretrain_dataset`): JPEG decode, crops, patches, "
             "batching; 'per core' divides the all-core rate by the host's "
-            "cores."]
+            "cores. 'Cores needed': the cores 'needed' takes at the "
+            "one-thread rate, ceil(needed / one-thread samples/s); 'cores "
+            "here': os.cpu_count(), and in brackets the cores this process "
+            "may run on where fewer."]
+
+
+def _count(value: float | None) -> int | None:
+  return None if value is None else int(value)
 
 
 # ----------------------------------------------------------------------------
