@@ -230,19 +230,21 @@ def _fill_corrupt_slots(decoded: tf.data.Dataset,
     slots = example["position"] - previous
     return example["position"], dict(example, slots=slots)
 
-  def expand(example: dict[str, tf.Tensor]) -> tf.data.Dataset:
-    slots = example["slots"]
-    first = example["position"] - slots + 1
+  def repeat(example: dict[str, tf.Tensor]) -> tf.data.Dataset:
+    # The same tensors `slots` times: no copy, and cheaper per element than
+    # a dataset that maps each slot (about 0.1 ms of a 2 ms sample).
+    return tf.data.Dataset.from_tensors(example).repeat(example["slots"])
 
-    def slot(j: tf.Tensor) -> dict[str, tf.Tensor]:
-      corrupt = tf.where(j == 0, slots - 1, 0)
-      return {"image": example["image"], "label": example["label"],
-              "position": first + j, CORRUPT: tf.cast(corrupt, tf.int32)}
-
-    return tf.data.Dataset.range(slots).map(slot)
+  def slot(position: tf.Tensor, example: dict[str, tf.Tensor]
+           ) -> dict[str, tf.Tensor]:
+    # Every slot is filled, so the i-th element is slot start_position + i.
+    first = example["position"] - example["slots"] + 1
+    corrupt = tf.where(position == first, example["slots"] - 1, 0)
+    return {"image": example["image"], "label": example["label"],
+            "position": position, CORRUPT: tf.cast(corrupt, tf.int32)}
 
   counted = decoded.scan(tf.constant(start_position - 1, tf.int64), count_gap)
-  return counted.flat_map(expand)
+  return counted.flat_map(repeat).enumerate(start=start_position).map(slot)
 
 
 def view_seed(key: int, position: tf.Tensor) -> tf.Tensor:
