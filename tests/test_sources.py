@@ -264,3 +264,32 @@ def test_default_process_index_comes_from_jax(tmp_path):
   with pytest.raises(ValueError, match="process_index"):
     sources.open_source(data_config(f"folder:{tmp_path}"), "train",
                         process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_pixels_equal_pils_decoder(tmp_path, mode):
+  """The reference pipeline decodes with PIL: the same pixels, every mode.
+
+  TF's default IDCT (the fast one) would be about 1.3 grey levels off.
+  """
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "photo.JPEG"
+  Image.fromarray(data.coffee()).convert(mode).save(path, quality=95)
+  ours = sources.decode_image(tf.io.read_file(str(path))).numpy()
+  with Image.open(path) as im:
+    pils = np.asarray(im.convert("RGB"))
+  assert ours.shape == pils.shape == (400, 600, 3)
+  if mode == "CMYK":  # PIL and TF convert CMYK to RGB each their own way.
+    assert np.abs(ours.astype(int) - pils).mean() < 1.0
+  else:
+    np.testing.assert_array_equal(ours, pils)
+  fast = tf.io.decode_jpeg(tf.io.read_file(str(path)), channels=3).numpy()
+  assert np.abs(fast.astype(int) - pils).mean() > 0.3
+
+
+def test_png_named_jpeg_decodes(tmp_path):
+  image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+  path = tmp_path / "n02105855_2933.JPEG"
+  Image.fromarray(image).save(path, format="PNG")
+  np.testing.assert_array_equal(
+      sources.decode_image(tf.io.read_file(str(path))).numpy(), image)
