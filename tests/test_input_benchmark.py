@@ -28,7 +28,7 @@ def test_breakdown_stages_are_cumulative_and_in_pipeline_order(folder):
                                   windows=1, samples=8)
   names = [name for name, _ in rows]
   assert names[0].startswith("decode") and names[-1].startswith("+ numpy")
-  assert [n.split()[1] for n in names[1:4]] == ["2", "2", "batching"]
+  assert [n.split()[1] for n in names[1:4]] == ["2", "2", "batches"]
   cumulative = [ms for _, ms in rows]
   assert all(ms > 0 for ms in cumulative)
   # Decoding a ~100 KB JPEG and cutting 20 images from it each take time:
