@@ -85,9 +85,15 @@ def base_config() -> ml_collections.ConfigDict:
       grid=3,                 # 3 x 3 cells of local_size // grid px.
       patch_size=64,          # Random crop inside each cell.
       flip_prob=0.5,
-      # Antialias the global views' resize (PIL/torchvision do; TF's
-      # bilinear default and big_vision do not). The jigsaw patches are
-      # sampled bilinearly either way.
+      # Antialias the global views' resize, as the reference does (PIL's
+      # bilinear shrink under torchvision's RandomResizedCrop); off, as in
+      # TF's bilinear default and big_vision, for its measured cost: 40% of
+      # the host's one-thread rate (479 -> 285 samples/s per core on the
+      # 2-core VM: a DGX H100 at the project's goal would feed its GPUs
+      # with 86 of its 112 cores instead of 51), for pixels 1.5 grey levels
+      # from PIL's on average (0.16 antialiased); at the demo's scale it
+      # moved no probe beyond noise. docs/training.md, "The reference's
+      # pixels". The jigsaw patches are sampled bilinearly either way.
       antialias=False,
   ))
 
