@@ -57,15 +57,17 @@ import jax.numpy as jnp
 import numpy as np
 import PIL
 import skimage
-import skimage.data
 import tensorflow as tf
 from PIL import Image
 
 from configs import detco
+from detco_jax.benchmark import photos as bundled
+from detco_jax.benchmark import report
 from detco_jax.data import augment
 from detco_jax.data import views
 
-# The bundled photographs: colour ones, then grey ones (made RGB).
+# The bundled photographs (`bundled.COLOUR` and `bundled.GREY`): colour ones,
+# then grey ones (made RGB), in this order, which seeds the crops.
 COLOUR = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "stereo_motorcycle", "retina", "immunohistochemistry")
 GREY = ("camera", "coins", "moon", "grass", "gravel", "brick")
@@ -81,12 +83,10 @@ SHRINK_BINS = (("< 1 (enlarging)", 0.0, 1.0), ("1-2", 1.0, 2.0),
 
 def load_photo(name: str) -> np.ndarray:
   """A scikit-image photograph as uint8 RGB [H, W, 3] (grey ones repeated)."""
-  image = getattr(skimage.data, name)()
-  if name == "stereo_motorcycle":
-    image = image[0]
+  image = bundled.load(name)
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
-  return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+  return np.ascontiguousarray(image.astype(np.uint8))
 
 
 def resize_long_side(image: np.ndarray, long_side: int | None) -> np.ndarray:
@@ -453,11 +453,8 @@ def transfer_bytes(spec: views.ViewSpec) -> dict[str, int]:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]
                    ) -> str:
-  """A GitHub Markdown table."""
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
+  """A GitHub Markdown table (`report.table`'s)."""
+  return "\n".join(report.table(header, rows))
 
 
 def blur_rows(pairs: list[tuple[np.ndarray, np.ndarray]],

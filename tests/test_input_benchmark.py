@@ -3,12 +3,13 @@
 import pytest
 
 from detco_jax.benchmark import input_pipeline
+from detco_jax.benchmark import photos
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   directory = tmp_path_factory.mktemp("photos")
-  summary = input_pipeline.write_jpegs(str(directory), 12)
+  summary = photos.write_folder(str(directory), 12)
   assert summary.count == 12
   return str(directory)
 

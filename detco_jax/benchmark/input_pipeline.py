@@ -56,21 +56,6 @@ from detco_jax.data import sources  # pylint: disable=g-import-not-at-top
 from detco_jax.data import views  # pylint: disable=g-import-not-at-top
 
 
-def write_jpegs(directory: str, count: int,
-                seed: int = 0) -> photos.FolderSummary:
-  """Writes `count` ImageNet-like photographs (`photos.write_folder`).
-
-  Args:
-    directory: where to write.
-    count: number of files.
-    seed: numpy seed.
-
-  Returns:
-    What was written.
-  """
-  return photos.write_folder(directory, count, seed)
-
-
 def single_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   """`ds` restricted to one tf.data thread, without intra-op threads."""
   options = tf.data.Options()
@@ -99,14 +84,32 @@ def measure(config, *, one_thread: bool, warmup: int, windows: int,
     ds = single_thread(ds)
   it = pipeline.InputIterator(ds, batch_size=config.batch_size,
                               num_examples=0)
+  return _rates(it, config.batch_size, warmup=warmup, windows=windows,
+                elements=window_batches)
+
+
+def _rates(it, samples_per_element: int, *, warmup: int, windows: int,
+           elements: int) -> dict[str, float]:
+  """Median samples/s (wall and CPU time) of drawing from iterator `it`.
+
+  Args:
+    it: an iterator; each element holds `samples_per_element` samples.
+    samples_per_element: samples per element.
+    warmup: elements discarded first.
+    windows: timed windows.
+    elements: elements per window.
+
+  Returns:
+    {"wall": samples per wall second, "cpu": samples per CPU second}.
+  """
   for _ in range(warmup):
     next(it)
   wall, cpu = [], []
   for _ in range(windows):
     t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(window_batches):
+    for _ in range(elements):
       next(it)
-    samples = window_batches * config.batch_size
+    samples = elements * samples_per_element
     wall.append(samples / (time.perf_counter() - t0))
     cpu.append(samples / (time.process_time() - c0))
   return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
@@ -131,21 +134,6 @@ def builtin_config(data_dir: str, batch: int, num_train: int):
   c.data.shuffle_buffer = 1024
   c.batch_size = batch
   return c
-
-
-def _cpu_seconds_per_sample(ds: tf.data.Dataset, samples_per_element: int,
-                            warmup: int, elements: int, windows: int) -> float:
-  """Median CPU seconds per sample of iterating `ds` (one thread)."""
-  it = iter(single_thread(ds))
-  for _ in range(warmup):
-    next(it)
-  times = []
-  for _ in range(windows):
-    c0 = time.process_time()
-    for _ in range(elements):
-      next(it)
-    times.append((time.process_time() - c0) / (elements * samples_per_element))
-  return statistics.median(times)
 
 
 def breakdown(config, windows: int, samples: int = 256) -> list[tuple[str, float]]:
@@ -190,10 +178,9 @@ def breakdown(config, windows: int, samples: int = 256) -> list[tuple[str, float
   stages = [(name, ds.batch(batch), batch) for name, ds in stages]
   out = []
   for name, ds, per in stages:
-    elements = max(1, samples // per)
-    out.append((name, 1e3 * _cpu_seconds_per_sample(
-        ds, per, warmup=max(1, 32 // per), elements=elements,
-        windows=windows)))
+    rates = _rates(iter(single_thread(ds)), per, warmup=max(1, 32 // per),
+                   windows=windows, elements=max(1, samples // per))
+    out.append((name, 1e3 / rates["cpu"]))
   full = measure(config, one_thread=True, warmup=1, windows=windows,
                  window_batches=max(1, samples // batch))
   out.append(("+ numpy (the whole pipeline)", 1e3 / full["cpu"]))
@@ -239,7 +226,7 @@ def _imagenet_folder(tmp: str, args) -> str:
   folder = os.path.join(tmp, "jpegs")
   os.makedirs(folder)
   t = time.perf_counter()
-  summary = write_jpegs(folder, args.num_images)
+  summary = photos.write_folder(folder, args.num_images)
   print(f"Wrote {summary.count} photographs in "
         f"{time.perf_counter() - t:.1f}s: mean {summary.mean_kb:.0f} KB, "
         f"{summary.mean_pixels / 1e3:.0f}k pixels, "

@@ -44,11 +44,10 @@ import os
 import numpy as np
 from PIL import Image
 
-# The photographs of `skimage.data` that its wheel bundles (no download);
-# name -> how to get an RGB or greyscale uint8 array.
-_COLOUR = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
-           "retina", "immunohistochemistry", "stereo_motorcycle")
-_GREY = ("camera", "coins", "moon", "grass", "gravel", "brick")
+# The photographs of `skimage.data` that its wheel bundles (no download).
+COLOUR = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+          "retina", "immunohistochemistry", "stereo_motorcycle")
+GREY = ("camera", "coins", "moon", "grass", "gravel", "brick")
 
 CMYK_EVERY = 100
 PNG_EVERY = 100
@@ -76,11 +75,14 @@ class FolderSummary:
   kinds: dict[str, int]
 
 
-def load_photographs() -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """The bundled photographs of scikit-image.
+def load(name: str) -> np.ndarray:
+  """One bundled photograph of scikit-image.
+
+  Args:
+    name: one of `COLOUR` or `GREY`.
 
   Returns:
-    (colour, grey): uint8 arrays [H, W, 3] and [H, W].
+    uint8 [H, W, 3] (colour) or [H, W] (grey).
 
   Raises:
     ImportError: scikit-image is not installed, with the fix.
@@ -91,13 +93,22 @@ def load_photographs() -> tuple[list[np.ndarray], list[np.ndarray]]:
     raise ImportError(
         "The benchmark's photographs come from scikit-image: pip install "
         "scikit-image (it is in the [test] extra).") from e
-  colour = []
-  for name in _COLOUR:
-    image = getattr(data, name)()
-    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disp).
-      image = image[0]
-    colour.append(np.ascontiguousarray(image[..., :3]))
-  return colour, [getattr(data, name)() for name in _GREY]
+  image = getattr(data, name)()
+  if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disp).
+    image = image[0]
+  return np.ascontiguousarray(image[..., :3] if image.ndim == 3 else image)
+
+
+def load_photographs() -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """The bundled photographs of scikit-image.
+
+  Returns:
+    (colour, grey): uint8 arrays [H, W, 3] and [H, W].
+
+  Raises:
+    ImportError: scikit-image is not installed, with the fix.
+  """
+  return [load(name) for name in COLOUR], [load(name) for name in GREY]
 
 
 def draw_size(rng: np.random.Generator) -> tuple[int, int]:

@@ -654,6 +654,7 @@ def part_pipeline(ctx: Context, part: Part) -> None:
   """DetCo samples/s through the host pipeline on ImageNet-size JPEGs."""
   # Imported here: it imports TensorFlow.
   from detco_jax.benchmark import input_pipeline  # pylint: disable=g-import-not-at-top
+  from detco_jax.benchmark import photos  # pylint: disable=g-import-not-at-top
   sizes = ctx.sizes
   cores, usable = host_cores()
   need = _needed(ctx, part)
@@ -662,7 +663,7 @@ def part_pipeline(ctx: Context, part: Part) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     try:
-      input_pipeline.write_jpegs(tmp, sizes.jpegs)
+      photos.write_folder(tmp, sizes.jpegs)
     except ImportError as e:  # No scikit-image: no photographs to time.
       part.skip("all", str(e))
       return

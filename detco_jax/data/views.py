@@ -280,7 +280,12 @@ def crop_resize_flip(image: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor,
   window = image[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]]
   view = _round_to_uint8(tf.image.resize(
       window, [size, size], method="bilinear", antialias=antialias))
-  return tf.cond(flip, lambda: tf.reverse(view, axis=[1]), lambda: view)
+  return _flip(view, flip)
+
+
+def _flip(image: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+  """`image` [H, W, C] mirrored horizontally where `flip` (bool scalar)."""
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
 def _to_uint8(x: tf.Tensor) -> tf.Tensor:
@@ -486,8 +491,7 @@ def jigsaw_views(image: tf.Tensor, seed: tf.Tensor, spec: ViewSpec,
     window = image[top:top + height, left:left + width]
     local = _round_to_uint8(tf.raw_ops.ResizeBilinear(
         images=window[None], size=[side, side], align_corners=True)[0])
-    local = tf.cond(flips[s], lambda v=local: tf.reverse(v, axis=[1]),
-                    lambda v=local: v)
+    local = _flip(local, flips[s])
     sets.append(tf.stack([
         local[rows[s, k]:rows[s, k] + patch, cols[s, k]:cols[s, k] + patch]
         for k in range(spec.num_patches)]))
